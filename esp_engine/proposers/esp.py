@@ -1,0 +1,129 @@
+"""ESP: mask vectors from the model's own embedding space guess the next tokens.
+
+State per sequence (docs/ESP.md): the mask embedding `m` (mean of the prompt's embeddings,
+then `m += lam * (E[t] - m)` per committed token) and the k mask distributions from the
+previous pass, read off the masks owned by the deepest accepted row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SpecConfig
+from ..tree import BlockLayout, DraftTree
+from ..verifier import Verdict
+from .base import Draft, Proposer
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    depth: int  # 1-based
+    token: int
+    score: float  # log of the product of probabilities along the path
+    parent: int  # index of the parent candidate, -1 for the root
+
+
+def expand_top1(mask_logprobs: torch.Tensor, root: int, widths: list[int]) -> list[Candidate]:
+    """Top-1 expansion: depth i takes the `widths[i-1]` best tokens of mask i, all children of
+    the best node of depth i-1. A token equal to its parent's is pruned and the next-best one
+    fills its place. Returned by depth, best first within a depth."""
+    candidates: list[Candidate] = []
+    parent_index, parent_token, parent_score = -1, root, 0.0
+    for depth, width in enumerate(widths, start=1):
+        if width <= 0 or depth > mask_logprobs.shape[0]:
+            break
+        values, ids = torch.topk(mask_logprobs[depth - 1], width + 1)
+        first_index = len(candidates)
+        taken = 0
+        for value, token in zip(values.tolist(), ids.tolist()):
+            if token == parent_token:
+                continue
+            candidates.append(Candidate(depth, token, parent_score + value, parent_index))
+            taken += 1
+            if taken == width:
+                break
+        best = candidates[first_index]
+        parent_index, parent_token, parent_score = first_index, best.token, best.score
+    return candidates
+
+
+def static_tree_candidates(mask_logprobs: torch.Tensor, root: int, widths: tuple[int, ...]) -> list[Candidate]:
+    return expand_top1(mask_logprobs, root, list(widths))
+
+
+def dynamic_tree_candidates(mask_logprobs: torch.Tensor, root: int, budget: int) -> list[Candidate]:
+    """Depth i offers its top (budget+1-i) tokens; the best `budget` by path score are kept.
+    A child never outscores its parent, so kept nodes always have their parent kept."""
+    k = mask_logprobs.shape[0]
+    pool = expand_top1(mask_logprobs, root, [budget + 1 - i for i in range(1, k + 1)])
+    ranked = sorted(range(len(pool)), key=lambda i: (-pool[i].score, pool[i].depth))[:budget]
+    keep = sorted(ranked, key=lambda i: (pool[i].depth, -pool[i].score))
+    remap = {old: new for new, old in enumerate(keep)}
+    return [Candidate(pool[i].depth, pool[i].token, pool[i].score, remap.get(pool[i].parent, -1)) for i in keep]
+
+
+def insert_candidates(tree: DraftTree, candidates: list[Candidate], budget: int) -> list[int]:
+    """Add candidates to `tree` (merging equal siblings) until it holds `budget` nodes.
+    Returns each candidate's tree row, or -1 where it did not fit."""
+    rows: list[int] = []
+    for cand in candidates:
+        parent_row = 0 if cand.parent < 0 else rows[cand.parent]
+        if parent_row < 0:
+            rows.append(-1)
+            continue
+        row = tree.child(parent_row, cand.token)
+        if row is None and tree.num_nodes < budget:
+            row = tree.add(parent_row, cand.token)
+        rows.append(-1 if row is None else row)
+    return rows
+
+
+class EspProposer(Proposer):
+    def __init__(self, model, spec: SpecConfig) -> None:
+        super().__init__(model)
+        self.spec = spec
+        self.num_masks = spec.num_masks
+        self.num_prefill_masks = spec.num_masks
+        self.lam = spec.ema_lambda
+        self.mask: torch.Tensor | None = None
+        self.mask_logprobs: torch.Tensor | None = None  # [k, V]
+
+    def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
+        self.mask = prompt_embeds.float().mean(dim=0)
+
+    def mask_embedding(self) -> torch.Tensor:
+        return self.mask.to(self.model.dtype)
+
+    def on_prefill(self, mask_hidden: torch.Tensor | None) -> None:
+        self._read_masks(mask_hidden)
+
+    def on_commit(self, token_ids: list[int]) -> None:
+        if not token_ids or self.lam == 0.0:
+            return
+        embeds = self.model.embed(torch.tensor(token_ids, device=self.model.device)).float()
+        for e in embeds:  # applied once per token, in order
+            self.mask.add_(e - self.mask, alpha=self.lam)
+
+    def esp_candidates(self, root: int, budget: int) -> list[Candidate]:
+        if self.mask_logprobs is None or budget <= 0:
+            return []
+        if self.spec.tree is not None and budget >= sum(self.spec.tree):
+            return static_tree_candidates(self.mask_logprobs, root, self.spec.tree)
+        return dynamic_tree_candidates(self.mask_logprobs, root, budget)
+
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        tree = DraftTree()
+        budget = min(self.spec.esp_node_budget, max_nodes)
+        insert_candidates(tree, self.esp_candidates(context[-1], budget), budget)
+        return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())
+
+    def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
+        self._read_masks(hidden[layout.owner_mask_rows(verdict.deepest_row)])
+
+    def _read_masks(self, mask_hidden: torch.Tensor | None) -> None:
+        if mask_hidden is None or mask_hidden.shape[0] == 0:
+            self.mask_logprobs = None
+            return
+        self.mask_logprobs = torch.log_softmax(self.model.logits(mask_hidden), dim=-1)

@@ -1,0 +1,31 @@
+"""Hybrid: one tree holding PLD's copied chain and ESP's mask candidates, under ESP's budget.
+
+n-gram copying wins where output repeats the input (code, RAG, summaries); ESP wins where it
+does not. When the suffix matches earlier text, the chain takes up to `pld_num_drafts` nodes
+(leaving ESP at least `hybrid_min_esp_nodes`); ESP fills the rest, merged into the same trie.
+Every tree row carries ESP masks, so ESP keeps learning even while a chain is accepted.
+"""
+
+from __future__ import annotations
+
+from ..config import SpecConfig
+from ..tree import DraftTree
+from .base import Draft
+from .esp import EspProposer, insert_candidates
+from .pld import PldProposer
+
+
+class HybridProposer(EspProposer):
+    def __init__(self, model, spec: SpecConfig) -> None:
+        super().__init__(model, spec)
+        self.pld = PldProposer(model, spec)
+
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        budget = min(self.spec.esp_node_budget, max_nodes)
+        chain_budget = max(0, budget - self.spec.hybrid_min_esp_nodes)
+        tree = DraftTree()
+        if chain_budget:
+            for chain in self.pld.chains(context):
+                tree.add_chain(0, chain, budget=chain_budget)
+        insert_candidates(tree, self.esp_candidates(context[-1], budget), budget)
+        return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())

@@ -1,0 +1,66 @@
+"""One request's state as it moves from waiting to running to finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .config import SamplingParams, SpecConfig
+from .kv_cache import KVCache
+from .proposers.base import Proposer
+from .sampling import TokenChooser
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SequenceStats:
+    num_decode_calls: int = 0  # forward passes after prefill
+    num_decode_tokens: int = 0  # tokens committed by those passes (bonus included)
+    num_draft_tokens: int = 0  # draft nodes offered to verification
+    num_accepted_tokens: int = 0  # draft nodes accepted
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted at depth 1, 2, ...
+    block_rows: int = 0  # rows of all decode blocks together
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def tau(self) -> float:
+        return self.num_decode_tokens / self.num_decode_calls if self.num_decode_calls else 0.0
+
+
+@dataclass(slots=True)
+class Sequence:
+    req_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    spec: SpecConfig
+    chooser: TokenChooser
+    proposer: Proposer
+    cache: KVCache | None = None
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stats: SequenceStats = field(default_factory=SequenceStats)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.sampling.max_new_tokens - len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
