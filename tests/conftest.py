@@ -1,0 +1,56 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SPEC_BENCH = Path(os.environ.get("ESP_SPEC_BENCH", Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from esp_engine.loader import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smol_engine(smol):
+    from esp_engine.engine import LLMEngine
+
+    return LLMEngine(smol)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+@pytest.fixture(scope="session")
+def spec_bench_questions() -> list[dict]:
+    if SPEC_BENCH.is_file():
+        return [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
+    # Without the shared Spec-Bench file (a clone elsewhere), use our own prompts in the same categories.
+    return json.loads((Path(__file__).parent / "data" / "prompts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A 2-layer random Llama with a 16-token vocabulary: fast enough for statistics."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from esp_engine.loader import LoadedModel
+    from esp_engine.model import LlamaFamilyModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config).eval()
+    model = LlamaFamilyModel(hf)
+    return LoadedModel(name="tiny", model=model, tokenizer=None, eos_token_ids=(), max_model_len=256, source="")
