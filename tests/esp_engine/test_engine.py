@@ -1,0 +1,88 @@
+"""Engine behaviour: stops inside accepted runs, bad input, request lifecycle."""
+
+import pytest
+
+from esp_engine.config import SamplingParams, SpecConfig
+from esp_engine.engine import LLMEngine
+from esp_engine.errors import ContextLengthError, InvalidRequestError
+from esp_engine.sequence import SequenceStatus
+
+PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 1, 2]
+
+
+def _running_sequence(engine: LLMEngine, **sampling) -> tuple[str, object]:
+    req_id = engine.add_request(PROMPT, SamplingParams(**sampling), SpecConfig.from_preset("pld", "bc10"))
+    engine.step()  # prefill commits the first token
+    return req_id, engine.sequences[req_id]
+
+
+def test_stop_token_inside_an_accepted_run_discards_the_rest(tiny):
+    engine = LLMEngine(tiny)
+    req_id, seq = _running_sequence(engine, max_new_tokens=50, stop_token_ids=(9,))
+    before = list(seq.output_ids)
+    out = engine._commit(seq, [7, 8, 9, 10, 11], logits=None, step=None)
+    assert out.new_token_ids == [7, 8] and out.finished and out.finish_reason == "stop"
+    assert out.stop_token_id == 9
+    assert seq.output_ids == before + [7, 8]
+    assert seq.cache is None and seq.status is SequenceStatus.FINISHED
+
+
+def test_max_new_tokens_inside_an_accepted_run(tiny):
+    engine = LLMEngine(tiny)
+    _, seq = _running_sequence(engine, max_new_tokens=3)
+    out = engine._commit(seq, [7, 8, 9, 10], logits=None, step=None)
+    assert out.new_token_ids == [7, 8] and out.finish_reason == "length" and len(seq.output_ids) == 3
+
+
+def test_eos_stops_unless_ignored(tiny):
+    tiny_eos = type(tiny)(**{**tiny.__dict__, "eos_token_ids": (8,)})
+    engine = LLMEngine(tiny_eos)
+    _, seq = _running_sequence(engine, max_new_tokens=50)
+    assert engine._commit(seq, [7, 8, 9], logits=None, step=None).new_token_ids == [7]
+    _, seq = _running_sequence(engine, max_new_tokens=50, ignore_eos=True)
+    assert engine._commit(seq, [7, 8, 9], logits=None, step=None).new_token_ids == [7, 8, 9]
+
+
+def test_end_to_end_stops_match_plain_decoding(smol, smol_engine):
+    from tests.conftest import chat_ids
+
+    prompt = chat_ids(smol.tokenizer, "List the numbers from 1 to 30, separated by commas.")
+    plain = smol_engine.generate(prompt, SamplingParams(max_new_tokens=40), SpecConfig(method="ar")).output_ids
+    stop = plain[20]
+    cut = plain.index(stop)
+    for method, preset in [("ar", None), ("pld", "bc10"), ("hybrid", "bc30"), ("esp", "bc30")]:
+        spec = SpecConfig.from_preset(method, preset)
+        stopped = smol_engine.generate(prompt, SamplingParams(max_new_tokens=40, stop_token_ids=(stop,)), spec)
+        assert stopped.output_ids == plain[:cut] and stopped.finish_reason == "stop"
+        capped = smol_engine.generate(prompt, SamplingParams(max_new_tokens=13), spec)
+        assert capped.output_ids == plain[:13] and capped.finish_reason == "length"
+
+
+def test_bad_requests_raise_clear_errors(tiny):
+    engine = LLMEngine(tiny)
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ContextLengthError, match="maximum context length is 256"):
+        engine.add_request([1] * 250, SamplingParams(max_new_tokens=10))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request([1, 99], SamplingParams())
+    assert not engine.has_unfinished()
+
+
+def test_abort_frees_the_sequence(tiny):
+    engine = LLMEngine(tiny)
+    req_id, seq = _running_sequence(engine, max_new_tokens=50)
+    assert engine.kv_cache_bytes() > 0
+    assert engine.abort_request(req_id) and not engine.abort_request(req_id)
+    assert engine.kv_cache_bytes() == 0 and not engine.has_unfinished()
+
+
+def test_step_interleaves_requests_until_all_finish(tiny):
+    engine = LLMEngine(tiny)
+    ids = [engine.add_request(PROMPT, SamplingParams(max_new_tokens=n), SpecConfig.from_preset(m, "bc10"))
+           for n, m in ((5, "esp"), (9, "pld"), (3, "lade"))]
+    received = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            received[out.req_id].extend(out.new_token_ids)
+    assert [len(received[i]) for i in ids] == [5, 9, 3]
