@@ -35,6 +35,19 @@ def _model_available() -> bool:
 
 needs_model = pytest.mark.skipif(not _model_available(), reason="embedded SmolLM2 model not available")
 
+@pytest.fixture
+def reuse_smol(monkeypatch, smol):
+    """Let bench's load_model hand out the session's model instead of loading it again."""
+    from esp_engine import loader
+
+    def load_model(name, *, device=None, dtype=None, num_threads=None, **kw):
+        assert name == "smollm2-135m-instruct" and device in (None, "cpu") and dtype in (None, "float32")
+        return smol
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    return smol
+
+
 SUMMARY_KEYS = {"tau", "tokens_per_s", "new_tokens", "forward_calls", "wall_s", "exact_match"}
 PROMPT_KEYS = {"question_id", "category", "new_tokens", "forward_calls", "wall_s", "output_ids"}
 ENTRY_KEYS = {"model", "method", "settings", "device", "dtype", "summary", "per_category", "prompts",
@@ -42,7 +55,7 @@ ENTRY_KEYS = {"model", "method", "settings", "device", "dtype", "summary", "per_
 
 
 @needs_model
-def test_bench_end_to_end(prompts_file, tmp_path, capsys):
+def test_bench_end_to_end(prompts_file, tmp_path, capsys, reuse_smol):
     out = tmp_path / "out.json"
     # per-category 1 + limit 3 -> writing(1), math(2) only: the limit comes after the per-category cut.
     rc = bench.main([
@@ -105,7 +118,7 @@ def restore_threads():
 
 
 @needs_model
-def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_path, restore_threads):
+def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_path, restore_threads, reuse_smol):
     out = tmp_path / "out.json"
     rc = bench.main([
         "--method", "esp:bc10", "--prompts", str(prompts_file), "--max-new-tokens", "4",
@@ -121,7 +134,7 @@ def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_pa
 
 
 @needs_model
-def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_path):
+def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_path, reuse_smol):
     out = tmp_path / "out.json"
     rc = bench.main(["--method", "pld", "--prompts", str(prompts_file), "--max-new-tokens", "3",
                      "--limit", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
