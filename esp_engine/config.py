@@ -27,6 +27,7 @@ class SpecConfig:
     tree: tuple[int, ...] | None = (14,)  # static [K_1..K_k]; None selects the dynamic tree
     node_budget: int | None = None  # dynamic tree: N draft nodes; default BC/(k+1)-1 of the preset
     ema_lambda: float = 0.1  # lam of the mask-embedding update
+    adaptive: bool = False  # choose the tree width each step from measured cost and acceptance (k=1)
     # PLD (also the PLD half of "hybrid").
     pld_max_ngram: int = 3
     pld_min_ngram: int = 1
@@ -53,6 +54,8 @@ class SpecConfig:
                 )
             if any((not isinstance(w, int)) or w < 1 or w > 256 for w in self.tree):
                 raise InvalidSpecConfigError(f"tree widths must be integers in 1..256, got {list(self.tree)}")
+        if self.adaptive and (self.num_masks != 1 or self.method not in ("esp", "hybrid")):
+            raise InvalidSpecConfigError("adaptive tree widths need method esp or hybrid with num_masks=1")
         if self.node_budget is not None and not 1 <= self.node_budget <= 512:
             raise InvalidSpecConfigError(f"node_budget must be in 1..512, got {self.node_budget}")
         if not 0.0 <= self.ema_lambda <= 1.0:
@@ -130,6 +133,8 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "bc60": dict(num_masks=2, tree=(15, 4)),
         "bc60-k1": dict(num_masks=1, tree=(29,)),
         "bc30-dynamic": dict(num_masks=1, tree=None, node_budget=14),
+        # Width picked every step for the best tokens/s on this machine (cost_model.py), up to BC 30.
+        "auto": dict(num_masks=1, tree=None, node_budget=14, adaptive=True),
         "bc60-dynamic": dict(num_masks=2, tree=None, node_budget=19),
     },
     "pld": {

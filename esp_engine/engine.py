@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SamplingParams, SpecConfig
+from .cost_model import BudgetTuner, StepCostModel
 from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import KVCache
 from .loader import LoadedModel
@@ -80,6 +81,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         shape = self.model.shape
         self._kv_args = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
+        self._step_costs: StepCostModel | None = None
+        self._tuners: dict[tuple, BudgetTuner] = {}
 
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, spec: SpecConfig | None = None,
@@ -90,10 +93,26 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
         self.validate(prompt_ids, sampling)
         spec = spec or self.default_spec
-        proposer_cls = _PROPOSERS[spec.method]
-        proposer = Proposer(self.model) if proposer_cls is None else proposer_cls(self.model, spec)
+        proposer = self._make_proposer(spec)
         self.sequences[req_id] = Sequence(req_id, list(prompt_ids), sampling, spec, TokenChooser(sampling), proposer)
         return req_id
+
+    def _make_proposer(self, spec: SpecConfig) -> Proposer:
+        proposer_cls = _PROPOSERS[spec.method]
+        if proposer_cls is None:
+            return Proposer(self.model)
+        if spec.adaptive:
+            return proposer_cls(self.model, spec, self.budget_tuner(spec))
+        return proposer_cls(self.model, spec)
+
+    def budget_tuner(self, spec: SpecConfig) -> BudgetTuner:
+        """One tuner per (method, budget), shared by sequences: acceptance is learnt across requests."""
+        key = (spec.method, spec.esp_node_budget)
+        if key not in self._tuners:
+            if self._step_costs is None:
+                self._step_costs = StepCostModel.measure(self.model)
+            self._tuners[key] = BudgetTuner(self._step_costs, max_width=spec.esp_node_budget)
+        return self._tuners[key]
 
     def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
         if not prompt_ids:

@@ -8,6 +8,7 @@ previous pass, read off the masks owned by the deepest accepted row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from ..config import SpecConfig
 from ..tree import BlockLayout, DraftTree
 from ..verifier import Verdict
 from .base import Draft, Proposer
+
+if TYPE_CHECKING:
+    from ..cost_model import BudgetTuner
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +85,11 @@ def insert_candidates(tree: DraftTree, candidates: list[Candidate], budget: int)
 
 
 class EspProposer(Proposer):
-    def __init__(self, model, spec: SpecConfig) -> None:
+    def __init__(self, model, spec: SpecConfig, tuner: "BudgetTuner | None" = None) -> None:
         super().__init__(model)
         self.spec = spec
+        self.tuner = tuner if spec.adaptive else None
+        self._offered_width = 0
         self.num_masks = spec.num_masks
         self.num_prefill_masks = spec.num_masks
         self.lam = spec.ema_lambda
@@ -109,6 +115,9 @@ class EspProposer(Proposer):
     def esp_candidates(self, root: int, budget: int) -> list[Candidate]:
         if self.mask_logprobs is None or budget <= 0:
             return []
+        if self.tuner is not None:
+            self._offered_width = self.tuner.best_width(budget)
+            return static_tree_candidates(self.mask_logprobs, root, (self._offered_width,))
         if self.spec.tree is not None and budget >= sum(self.spec.tree):
             return static_tree_candidates(self.mask_logprobs, root, self.spec.tree)
         return dynamic_tree_candidates(self.mask_logprobs, root, budget)
@@ -120,6 +129,12 @@ class EspProposer(Proposer):
         return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())
 
     def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
+        if self.tuner is not None and self._offered_width:
+            # ESP nodes come first in rank order (rows 1..width) when the tree is ESP's alone.
+            first = verdict.accepted_rows[0] if verdict.accepted_rows else None
+            rank = first - 1 if first is not None and first <= self._offered_width else None
+            self.tuner.record(self._offered_width, rank)
+            self._offered_width = 0
         self._read_masks(hidden[layout.owner_mask_rows(verdict.deepest_row)])
 
     def _read_masks(self, mask_hidden: torch.Tensor | None) -> None:

@@ -16,8 +16,8 @@ from .pld import PldProposer
 
 
 class HybridProposer(EspProposer):
-    def __init__(self, model, spec: SpecConfig) -> None:
-        super().__init__(model, spec)
+    def __init__(self, model, spec: SpecConfig, tuner=None) -> None:
+        super().__init__(model, spec, tuner)
         self.pld = PldProposer(model, spec)
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
