@@ -1,0 +1,85 @@
+"""`esp-serve` / `python -m server`: serve one model over the OpenAI API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+import uvicorn
+
+from esp_engine.config import METHODS, PRESETS
+from esp_engine.errors import InvalidSpecConfigError
+from esp_engine.loader import LoadedModel
+
+from .app import ServerSettings, build_app
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="esp-serve", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="embedded model name, local Hugging Face directory or cached hub id")
+    p.add_argument("--method", default="esp", choices=METHODS, help="default speculative method ('ar' = off)")
+    p.add_argument("--preset", default="bc30", help=f"block-complexity preset ({', '.join(PRESETS)})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
+    p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's)")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(model=args.model, method=args.method, preset=args.preset, dtype=args.dtype,
+                              device=args.device, max_model_len=args.max_model_len, api_key=args.api_key or None,
+                              served_model_name=args.served_model_name)
+    failed = threading.Event()
+    server: uvicorn.Server | None = None
+
+    def on_ready(loaded: LoadedModel) -> None:
+        # The model may finish loading before uvicorn has bound its socket; the URL is only true after.
+        while server is not None and not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server is None or server.should_exit:
+            return
+        host, port = _bound_address(server, args.host, args.port)
+        name = settings.served_model_name or loaded.name
+        print(f"esp-serve: model {name!r} ready, listening on http://{host}:{port}", flush=True)
+
+    def on_error(exc: BaseException) -> None:
+        print(f"esp-serve: cannot load model {args.model!r}: {exc}", file=sys.stderr, flush=True)
+        failed.set()
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = build_app(settings, on_ready=on_ready, on_error=on_error)
+    except InvalidSpecConfigError as exc:
+        print(f"esp-serve: {exc}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    return 1 if failed.is_set() else 0
+
+
+def _bound_address(server: uvicorn.Server, host: str, port: int) -> tuple[str, int]:
+    for s in getattr(server, "servers", []):
+        for sock in getattr(s, "sockets", []) or []:
+            addr = sock.getsockname()
+            return (host, addr[1])
+    return host, port
+
+
+if __name__ == "__main__":
+    sys.exit(main())

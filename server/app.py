@@ -1,0 +1,253 @@
+"""The FastAPI application: routes, OpenAI-style errors, API-key check and model loading.
+
+The model loads in a background thread started by the lifespan, so the HTTP server answers
+(503) while it loads. All state lives in `app.state`: the engine handle once loaded, the
+settings and the metrics registry.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from esp_engine.config import SpecConfig
+from esp_engine.engine import LLMEngine
+from esp_engine.errors import EngineError
+from esp_engine.loader import LoadedModel, load_model
+
+from .async_engine import AsyncEngine
+from .errors import APIError, from_exception, http_error, not_ready
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from .serving import Context, chat_prompt_ids, check_model, create_chat_completion, create_completion
+
+log = logging.getLogger("server")
+
+# Routes that need the key when one is set; /health and /metrics stay open for probes and scrapers.
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerSettings:
+    model: str = "smollm2-135m-instruct"
+    method: str = "esp"
+    preset: str = "bc30"
+    dtype: str | None = None
+    device: str | None = None
+    max_model_len: int | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+
+    def spec(self) -> SpecConfig:
+        return SpecConfig.from_preset(self.method, self.preset)
+
+
+def build_app(
+    settings: ServerSettings | None = None,
+    *,
+    loader: Callable[[], LoadedModel] | None = None,
+    on_ready: Callable[[LoadedModel], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An app that loads its model (with `loader`, default `load_model(settings...)`) at startup."""
+    settings = settings or ServerSettings()
+    default_spec = settings.spec()  # refuse a bad --method/--preset before anything starts
+    load = loader or (lambda: load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                         max_model_len=settings.max_model_len))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        closing = threading.Event()
+
+        def load_in_background() -> None:
+            try:
+                t0 = time.perf_counter()
+                log.info("loading model %s", settings.model)
+                loaded = load()
+                if closing.is_set():
+                    return
+                app.state.metrics.bind(settings.served_model_name or loaded.name)
+                engine = AsyncEngine(LLMEngine(loaded, default_spec), app.state.metrics)
+                engine.start()
+                app.state.engine = engine
+                log.info("model %s ready in %.1fs (speculation: %s %s)", loaded.name, time.perf_counter() - t0,
+                         default_spec.method, settings.preset if default_spec.is_speculative else "")
+            except BaseException as exc:
+                log.exception("model loading failed")
+                app.state.load_error = exc
+                if on_error:
+                    on_error(exc)
+                return
+            if on_ready:
+                on_ready(loaded)
+
+        threading.Thread(target=load_in_background, name="esp-model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            closing.set()
+            engine = app.state.engine
+            if engine is not None:
+                engine.shutdown()
+
+    app = FastAPI(title="esp-serve", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.load_error = None
+    app.state.metrics = Metrics()
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    _add_error_handlers(app)
+    _add_routes(app)
+    return app
+
+
+def _context(request: Request) -> Context:
+    state = request.app.state
+    if state.engine is None:
+        if state.load_error is not None:
+            raise APIError(503, f"the model failed to load: {state.load_error}", code="model_load_failed")
+        raise not_ready()
+    name = state.settings.served_model_name or state.engine.loaded.name
+    return Context(state.engine, name, state.metrics)
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        ctx = _context(request)
+        if not ctx.engine.is_alive:
+            raise APIError(503, "the engine worker has stopped", code="engine_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        ctx = _context(request)
+        card = ModelCard(id=ctx.served_model_name, root=ctx.engine.loaded.source, max_model_len=ctx.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        ctx = _context(request)
+        ctx.metrics.requests_received.labels(ctx.served_model_name, "completions").inc()
+        return _respond(await create_completion(ctx, body, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        ctx = _context(request)
+        ctx.metrics.requests_received.labels(ctx.served_model_name, "chat_completions").inc()
+        return _respond(await create_chat_completion(ctx, body, request))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+        ctx = _context(request)
+        check_model(ctx, body.model)
+        if body.messages is not None:
+            ids = chat_prompt_ids(ctx.tokenizer, body.messages, body.add_generation_prompt)
+        else:
+            ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+        ctx = _context(request)
+        check_model(ctx, body.model)
+        vocab = len(ctx.tokenizer)
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump()
+
+
+def _respond(result: dict | AsyncIterator[dict]) -> Any:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return EventSourceResponse(result, sep="\n")
+
+
+def _error_response(request: Request | None, error: APIError) -> JSONResponse:
+    if request is not None:
+        metrics: Metrics = request.app.state.metrics
+        metrics.request_errors.labels(metrics.model_name, str(error.status)).inc()
+    return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    param = ".".join(loc) or None
+    return (f"{param}: {message}" if param else message), param
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(request, exc)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return _error_response(request, from_exception(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error_response(request, APIError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return _error_response(request, http_error(exc.status_code, detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error for %s %s", request.method, request.url.path)
+        return _error_response(request, from_exception(exc))
+
+
+class ApiKeyMiddleware:
+    """Bearer-token check in front of the API routes (plain ASGI, so streams pass untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_PROTECTED_PREFIXES):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                 type_="invalid_request_error", code="invalid_api_key")
+                await JSONResponse(error.body().model_dump(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,259 @@
+"""Drive the synchronous `LLMEngine` from one worker thread, for many asyncio clients.
+
+The engine is not thread-safe and a forward pass takes milliseconds to seconds, so exactly one
+thread owns it: the event loop sends commands through a thread-safe queue, and the worker hands
+each request's outputs back to the loop that asked (`call_soon_threadsafe`). Between two engine
+steps the worker applies every queued command, so an abort frees its KV cache at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from esp_engine.config import SamplingParams, SpecConfig
+from esp_engine.engine import LLMEngine, RequestOutput
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The worker thread has stopped; no request can be served."""
+
+
+class RequestStream:
+    """The outputs of one engine request, consumed on the event loop that created it."""
+
+    def __init__(self, req_id: str, owner: "AsyncEngine", loop: asyncio.AbstractEventLoop) -> None:
+        self.req_id = req_id
+        self.finished = False
+        self._owner = owner
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        """Called by the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+    def abort(self, reason: str = "client") -> None:
+        """Stop generating and free the engine state (no-op once finished)."""
+        if not self.finished:
+            self.finished = True
+            self._owner.abort(self.req_id, reason)
+
+
+@dataclass
+class _Add:
+    streams: list[RequestStream]
+    requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]]
+    done: concurrent.futures.Future[None]
+
+
+@dataclass
+class _Abort:
+    req_id: str
+    reason: str
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class _Live:
+    """Worker-side bookkeeping of one request (for routing outputs and latency metrics)."""
+
+    stream: RequestStream
+    arrival: float = field(default_factory=time.monotonic)
+    last_output: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self.loaded = engine.loaded
+        self.default_spec = engine.default_spec
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}  # touched by the worker thread only
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="esp-engine-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    async def add_requests(
+        self, requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]]
+    ) -> list[RequestStream]:
+        """Queue requests all-or-nothing; raises the engine's validation error before any output."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine worker is not running")
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(uuid.uuid4().hex, self, loop) for _ in requests]
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._commands.put(_Add(streams, requests, done))
+        try:
+            await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            for s in streams:  # the worker may already have added them
+                s.abort("client")
+            raise
+        return streams
+
+    def abort(self, req_id: str, reason: str = "client") -> None:
+        self._commands.put(_Abort(req_id, reason))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._commands.put(_Stop())
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():  # thread-local: must be entered in this thread
+                while self._serve_once():
+                    pass
+        except BaseException as exc:  # a bug in this loop, not in a request: fail everyone
+            log.exception("engine worker crashed")
+            self._dead = exc
+        finally:
+            self._dead = self._dead or EngineDeadError("the engine has shut down")
+            for rid in list(self._live):
+                self._fail(rid, EngineDeadError("the engine has shut down"), "shutdown")
+
+    def _serve_once(self) -> bool:
+        busy = self._engine.has_unfinished()
+        try:
+            command = self._commands.get(block=not busy)
+        except queue.Empty:
+            command = None
+        while command is not None:
+            if isinstance(command, _Stop):
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+        self._publish_queue()
+        if self._engine.has_unfinished():
+            self._step()
+        return True
+
+    def _publish_queue(self) -> None:
+        if self.metrics:
+            e = self._engine
+            self.metrics.set_queue(e.num_running, e.num_waiting, e.kv_cache_bytes())
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            live = self._live.pop(command.req_id, None)
+            if live is not None and self._engine.abort_request(command.req_id) and self.metrics:
+                self.metrics.requests_aborted.labels(self.metrics.model_name, command.reason).inc()
+            return
+        added: list[str] = []
+        try:
+            for stream, (prompt_ids, sampling, spec) in zip(command.streams, command.requests):
+                self._engine.add_request(prompt_ids, sampling, spec, stream.req_id)
+                added.append(stream.req_id)
+                self._live[stream.req_id] = _Live(stream)
+        except Exception as exc:
+            for rid in added:
+                self._live.pop(rid, None)
+                self._engine.abort_request(rid)
+            command.done.set_exception(exc)
+        else:
+            command.done.set_result(None)
+
+    def _step(self) -> None:
+        suspects = self._suspects()
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing request(s) %s", ", ".join(suspects))
+            for rid in suspects:
+                self._fail(rid, exc, "error")
+            self._publish_queue()
+            return
+        self._publish_queue()  # before delivery, so a client holding its last output sees current gauges
+        now = time.monotonic()
+        for out in outputs:
+            self._deliver(out, now)
+
+    def _suspects(self) -> list[str]:
+        """Requests a failing step may have touched: the one being prefilled, else all decoding ones.
+
+        The engine prefills the oldest waiting request, and a request is waiting until its
+        first output, so our own insertion-ordered bookkeeping tells which one that is."""
+        if self._engine.num_waiting:
+            fresh = [rid for rid, live in self._live.items() if live.last_output is None]
+            return fresh[:1]
+        return [rid for rid, live in self._live.items() if live.last_output is not None]
+
+    def _fail(self, req_id: str, exc: BaseException, reason: str) -> None:
+        live = self._live.pop(req_id, None)
+        try:
+            freed = self._engine.abort_request(req_id)
+        except Exception:
+            log.exception("abort of %s failed", req_id)
+            freed = False
+        if freed and self.metrics:
+            self.metrics.requests_aborted.labels(self.metrics.model_name, reason).inc()
+        if live is not None:
+            live.stream._put(exc)
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        live = self._live.get(out.req_id)
+        if live is None:
+            return
+        if self.metrics:
+            self._observe(live, out, now)
+        live.last_output = now
+        if out.finished:
+            del self._live[out.req_id]
+        live.stream._put(out)
+
+    def _observe(self, live: _Live, out: RequestOutput, now: float) -> None:
+        m, name = self.metrics, self.metrics.model_name  # type: ignore[union-attr]
+        assert m is not None
+        num_new = len(out.new_token_ids) + (out.stop_token_id is not None)
+        if live.last_output is None:
+            m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+            m.ttft.labels(name).observe(now - live.arrival)
+        elif num_new:
+            per_token = (now - live.last_output) / num_new
+            for _ in range(num_new):
+                m.inter_token.labels(name).observe(per_token)
+        m.generation_tokens.labels(name).inc(num_new)
+        if out.step is not None:
+            m.observe_step(out.step)
+        if out.finished:
+            m.e2e.labels(name).observe(now - live.arrival)

@@ -1,0 +1,318 @@
+"""/v1/completions and /v1/chat/completions: requests to engine requests, outputs to OpenAI bodies.
+
+Everything that can be refused (model name, sampling values, speculative settings, prompt
+length) is checked and the engine requests are queued before a response starts, so a bad
+request gets a proper status code even when it asked for a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from esp_engine.config import SamplingParams, SpecConfig
+from esp_engine.errors import ContextLengthError, EngineError, InvalidRequestError
+
+from .async_engine import AsyncEngine, EngineDeadError
+from .errors import APIError, from_exception, model_not_found
+from .metrics import Metrics
+from .outputs import ChoiceDelta, ChoiceRun, TokenInfo, merge, token_bytes, token_string
+from .protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    _SamplingFields,
+    random_id,
+)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SPEC_OFF = ("ar", "off", "none")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    """What the handlers need from the app: the engine handle and the name it is served under."""
+
+    engine: AsyncEngine
+    served_model_name: str
+    metrics: Metrics
+
+    def count_finish(self, reason: str) -> None:
+        self.metrics.request_success.labels(self.served_model_name, reason).inc()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.loaded.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.loaded.max_model_len
+
+
+# ---- request preparation -----------------------------------------------------------------
+
+
+def check_model(ctx: Context, name: str | None) -> None:
+    if name is not None and name != ctx.served_model_name:
+        raise model_not_found(name)
+
+
+def resolve_spec(method: str | None, preset: str | None, default: SpecConfig) -> SpecConfig | None:
+    """The per-request speculative settings; None keeps the server default."""
+    if method is None and preset is None:
+        return None
+    name = (method or default.method).strip().lower()
+    if name in SPEC_OFF:
+        return SpecConfig.from_preset("ar")
+    if name == default.method and preset is None:
+        return None
+    return SpecConfig.from_preset(name, preset)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, limit: int, default_cap: int | None) -> int:
+    room = limit - prompt_len
+    if room <= 0:
+        raise ContextLengthError(
+            f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len}, "
+            "leaving no room for a completion"
+        )
+    if requested is None:
+        return min(room, default_cap) if default_cap else room
+    return requested  # the engine refuses it with a context-length error if it does not fit
+
+
+def sampling_params(req: _SamplingFields, max_new_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    # Each of n choices gets its own seed so they differ, yet a seeded request stays repeatable.
+    seed = None if req.seed is None else req.seed + index
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as exc:  # jinja raises for conversations the template refuses
+        raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from exc
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                 default_cap: int | None, logprobs: int | None, prompt_param: str) -> list[ChoiceRun]:
+    try:
+        spec = resolve_spec(req.spec_method, req.spec_preset, ctx.engine.default_spec)
+        requests = []
+        for ids in prompts:
+            if not ids:
+                raise InvalidRequestError("the prompt is empty: give at least one token")
+            max_new = resolve_max_tokens(max_tokens, len(ids), ctx.max_model_len, default_cap)
+            requests += [(ids, sampling_params(req, max_new, logprobs, j), spec) for j in range(req.n)]
+        streams = await ctx.engine.add_requests(requests)
+    except (EngineError, EngineDeadError) as exc:
+        raise from_exception(exc, prompt_param) from exc
+    return [ChoiceRun(i, s, ctx.tokenizer, ids, req.stop_list, ctx.count_finish)
+            for i, (s, (ids, _, _)) in enumerate(zip(streams, requests))]
+
+
+# ---- completions -------------------------------------------------------------------------
+
+
+async def create_completion(ctx: Context, req: CompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
+    check_model(ctx, req.model)
+    tok = ctx.tokenizer
+    prompts = [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts()]
+    runs = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs, "prompt")
+    meta = dict(id=random_id("cmpl"), created=int(time.time()), model=ctx.served_model_name)
+    prompt_tokens = sum(len(p) for p in prompts)
+    echo = [tok.decode(r.prompt_ids) if req.echo else "" for r in runs]
+
+    def choice(run: ChoiceRun, delta: ChoiceDelta, text: str) -> CompletionChoice:
+        lp = completion_logprobs(tok, delta.tokens, len(echo[run.index])) if req.logprobs is not None else None
+        return CompletionChoice(index=run.index, text=text, logprobs=lp, finish_reason=delta.finish_reason)
+
+    if req.stream:
+        return _sse(_completion_chunks(runs, meta, echo, choice, prompt_tokens, req.include_usage_chunk), runs)
+    deltas = await _collect(runs, request)
+    choices = []
+    for run, ds in zip(runs, deltas):
+        whole = _join(ds)
+        choices.append(choice(run, whole, echo[run.index] + whole.text))
+    usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+    return CompletionResponse(choices=choices, usage=usage, **meta).model_dump()
+
+
+async def _completion_chunks(runs: list[ChoiceRun], meta: dict, echo: list[str],
+                             choice: Callable[[ChoiceRun, ChoiceDelta, str], CompletionChoice],
+                             prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    exclude = None if include_usage else {"usage"}
+    for run in runs:
+        if echo[run.index]:
+            yield CompletionResponse(choices=[CompletionChoice(index=run.index, text=echo[run.index])],
+                                     **meta).model_dump_json(exclude=exclude)
+    async for i, delta in merge([r.deltas() for r in runs]):
+        if delta.text or delta.finish_reason or delta.tokens:
+            body = CompletionResponse(choices=[choice(runs[i], delta, delta.text)], **meta)
+            yield body.model_dump_json(exclude=exclude)
+    if include_usage:
+        usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+        yield CompletionResponse(choices=[], usage=usage, **meta).model_dump_json()
+
+
+def completion_logprobs(tokenizer: Any, tokens: list[TokenInfo], offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for t in tokens:
+        out.tokens.append(token_string(token_bytes(tokenizer, t.token_id)))
+        out.token_logprobs.append(t.logprob if t.logprob is not None else 0.0)
+        top = {token_string(token_bytes(tokenizer, i)): lp for i, lp in t.top}
+        top.setdefault(out.tokens[-1], out.token_logprobs[-1])  # the chosen token is always listed
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset + t.text_offset)
+    return out
+
+
+# ---- chat --------------------------------------------------------------------------------
+
+
+async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
+    check_model(ctx, req.model)
+    tok = ctx.tokenizer
+    ids = chat_prompt_ids(tok, req.messages, req.add_generation_prompt)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    runs = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages")
+    meta = dict(id=random_id("chatcmpl"), created=int(time.time()), model=ctx.served_model_name)
+
+    def lp(delta: ChoiceDelta) -> ChatLogprobs | None:
+        return chat_logprobs(tok, delta.tokens) if req.logprobs else None
+
+    if req.stream:
+        return _sse(_chat_chunks(runs, meta, lp, len(ids), req.include_usage_chunk), runs)
+    deltas = await _collect(runs, request)
+    choices = []
+    for run, ds in zip(runs, deltas):
+        whole = _join(ds)
+        choices.append(ChatChoice(index=run.index, message=ChatResponseMessage(content=whole.text),
+                                  logprobs=lp(whole), finish_reason=whole.finish_reason))
+    usage = Usage.of(len(ids), sum(r.completion_tokens for r in runs))
+    return ChatCompletionResponse(choices=choices, usage=usage, **meta).model_dump()
+
+
+async def _chat_chunks(runs: list[ChoiceRun], meta: dict, lp: Callable[[ChoiceDelta], ChatLogprobs | None],
+                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(index: int, delta: DeltaMessage, logprobs: ChatLogprobs | None = None,
+              finish: str | None = None) -> str:
+        body = ChatCompletionChunk(choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                                                            finish_reason=finish)], **meta)
+        data = body.model_dump(exclude=None if include_usage else {"usage"})
+        data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # OpenAI sends {} for an empty delta
+        return json.dumps(data, ensure_ascii=False)
+
+    for run in runs:
+        yield chunk(run.index, DeltaMessage(role="assistant", content=""))
+    async for i, delta in merge([r.deltas() for r in runs]):
+        if delta.text or delta.tokens:
+            yield chunk(i, DeltaMessage(content=delta.text), lp(delta))
+        if delta.finish_reason:
+            yield chunk(i, DeltaMessage(), None, delta.finish_reason)
+    if include_usage:
+        usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+        yield ChatCompletionChunk(choices=[], usage=usage, **meta).model_dump_json()
+
+
+def chat_logprobs(tokenizer: Any, tokens: list[TokenInfo]) -> ChatLogprobs:
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        raw = token_bytes(tokenizer, token_id)
+        return TopLogprob(token=token_string(raw), logprob=logprob, bytes=list(raw))
+
+    content = []
+    for t in tokens:
+        chosen = entry(t.token_id, t.logprob if t.logprob is not None else 0.0)
+        top = [entry(i, v) for i, v in t.top]
+        content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+# ---- shared plumbing ---------------------------------------------------------------------
+
+
+def _join(deltas: list[ChoiceDelta]) -> ChoiceDelta:
+    last = deltas[-1] if deltas else ChoiceDelta("", finish_reason="stop")
+    return ChoiceDelta("".join(d.text for d in deltas), [t for d in deltas for t in d.tokens],
+                       last.finish_reason, last.completion_tokens)
+
+
+async def _collect(runs: list[ChoiceRun], request: Request) -> list[list[ChoiceDelta]]:
+    """Gather every choice's deltas; a client that hangs up cancels (and frees) its requests."""
+    results: list[list[ChoiceDelta]] = [[] for _ in runs]
+
+    async def gather() -> None:
+        async for i, delta in merge([r.deltas() for r in runs]):
+            results[i].append(delta)
+
+    work = asyncio.ensure_future(gather())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ClientDisconnected()
+        try:
+            work.result()
+        except Exception as exc:
+            raise from_exception(exc) from exc
+    finally:
+        watcher.cancel()
+        work.cancel()
+        for run in runs:
+            run.stream.abort("client")
+    return results
+
+
+async def _disconnected(request: Request) -> None:
+    while True:  # the body is already read, so the next message can only be a disconnect
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _sse(chunks: AsyncIterator[str], runs: list[ChoiceRun]) -> AsyncIterator[dict]:
+    """SSE events: the chunks, an error event if generation fails, then [DONE]."""
+    try:
+        try:
+            async for data in chunks:
+                yield {"data": data}
+        except Exception as exc:
+            error = from_exception(exc)
+            yield {"data": error.body().model_dump_json()}
+        yield {"data": "[DONE]"}
+    finally:  # also runs when the client disconnects and the response task is cancelled
+        for run in runs:
+            run.stream.abort("client")
