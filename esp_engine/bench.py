@@ -427,6 +427,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     total = len(runs) * (args.warmup + len(prompts))
     results: dict[str, list[PromptResult]] = {label: [] for label in labels}
+    interrupted = False
     with tqdm(total=total, desc="esp-bench", unit="gen", file=sys.stderr, disable=args.no_progress,
               dynamic_ncols=True) as bar:
         for run in runs:  # untimed: JIT/oneDNN packing, allocator, lazy HF load
@@ -434,16 +435,26 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                 bar.set_postfix_str(f"warmup {run.label}")
                 runner.run(run, prompts[i % len(prompts)])
                 bar.update()
-        for prompt in prompts:  # interleaved: every method on prompt 1, then prompt 2, ...
-            for run in runs:
-                bar.set_postfix_str(f"{run.label} q{prompt.question_id}")
-                results[run.label].append(runner.run(run, prompt))
-                bar.update()
+        try:
+            for prompt in prompts:  # interleaved: every method on prompt 1, then prompt 2, ...
+                for run in runs:
+                    bar.set_postfix_str(f"{run.label} q{prompt.question_id}")
+                    results[run.label].append(runner.run(run, prompt))
+                    bar.update()
+        except KeyboardInterrupt:  # report the prompts every method finished
+            done = min(len(rows) for rows in results.values())
+            if not done:
+                print("esp-bench: interrupted before any prompt finished", file=sys.stderr)
+                return 130
+            print(f"esp-bench: interrupted; reporting the {done} prompts every method finished", file=sys.stderr)
+            results = {label: rows[:done] for label, rows in results.items()}
+            prompts, interrupted = prompts[:done], True
 
     reference = results["ar"] if args.check_lossless else None
     report = build_report(runs, results, reference, loaded, machine, command)
     print(f"model {loaded.name} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), "
-          f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, torch threads {torch.get_num_threads()}")
+          f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, torch threads {torch.get_num_threads()}"
+          + (" (interrupted)" if interrupted else ""))
     print(format_table(report))
     if args.json_path:
         path = Path(args.json_path)
@@ -451,7 +462,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"results written to {path}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

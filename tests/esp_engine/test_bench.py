@@ -145,6 +145,27 @@ def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_pat
     assert len(report[0]["prompts"]) == 1
 
 
+@needs_model
+def test_bench_interrupt_reports_finished_prompts(prompts_file, tmp_path, capsys, monkeypatch, reuse_smol):
+    real_run, calls = bench.Runner.run, []
+
+    def run(self, spec, prompt):
+        calls.append(spec.label)
+        if len(calls) == 4:  # ar and esp finished prompt 1; ar finished prompt 2; esp interrupted
+            raise KeyboardInterrupt
+        return real_run(self, spec, prompt)
+
+    monkeypatch.setattr(bench.Runner, "run", run)
+    out = tmp_path / "out.json"
+    rc = bench.main(["--method", "ar,esp", "--prompts", str(prompts_file), "--max-new-tokens", "3",
+                     "--warmup", "0", "--no-progress", "--json", str(out)])
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert [len(e["prompts"]) for e in report] == [1, 1]
+    assert report[0]["per_category"]["writing"]["n"] == 1
+
+
 def test_load_prompts_selection(prompts_file):
     assert [p.question_id for p in bench.load_prompts(prompts_file)] == [1, 2, 3, 4]
     assert [p.question_id for p in bench.load_prompts(prompts_file, per_category=1)] == [1, 2]
