@@ -41,7 +41,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving import Context, chat_prompt_ids, check_model, create_chat_completion, create_completion
+from .serving import ClientDisconnected, Context, chat_prompt_ids, check_model, create_chat_completion, create_completion
 
 log = logging.getLogger("server")
 
@@ -218,6 +218,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
         return _error_response(request, from_exception(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; ends the handler without a 500 in the log
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

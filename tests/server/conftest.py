@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model (loaded once) and one real uvicorn server per session."""
+"""Fixtures: the embedded model (loaded once), the engine's reference outputs, one real uvicorn server."""
 
 from __future__ import annotations
 
@@ -6,14 +6,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 import uvicorn
 
-API_KEY = "test-key"
-MAX_MODEL_LEN = 512
+from serverutil import (
+    API_KEY,
+    CHAT_MESSAGES,
+    COMPLETION_PROMPT,
+    CONCURRENT_PROMPTS,
+    LONG_PROMPT,
+    MAX_MODEL_LEN,
+    Reference,
+    ServerHandle,
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,26 +36,8 @@ def tokenizer():
 def loaded():
     from esp_engine.loader import load_model
 
+    # A short context makes "prompt too long" cheap to provoke.
     return load_model(max_model_len=MAX_MODEL_LEN)
-
-
-@dataclass
-class ServerHandle:
-    base_url: str
-    app: object
-    loaded: object
-
-    def client(self, **kwargs):
-        import openai
-
-        kwargs.setdefault("api_key", API_KEY)
-        kwargs.setdefault("max_retries", 0)  # retries would hide (and repeat) the errors under test
-        kwargs.setdefault("timeout", 300)
-        return openai.OpenAI(base_url=self.base_url + "/v1", **kwargs)
-
-    def http(self, auth: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {API_KEY}"} if auth else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=300, follow_redirects=False)
 
 
 def serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:
@@ -84,22 +73,6 @@ def server(loaded, references) -> Iterator[ServerHandle]:
     yield ServerHandle(url, app, loaded)
     srv.should_exit = True
     thread.join(30)
-
-
-# ---- reference outputs straight from the engine (greedy, speculation off) ----------------
-
-COMPLETION_PROMPT = "The capital of France is"
-CHAT_MESSAGES = [{"role": "user", "content": "Name three colors."}]
-CONCURRENT_PROMPTS = ["Once upon a time", "The best way to learn Python is", "def fibonacci(n):", "Water boils at"]
-LONG_PROMPT = "Here is a list of numbers: 1, 2, 3,"
-
-
-@dataclass
-class Reference:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
 
 
 @pytest.fixture(scope="session")
