@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esp-serve: {exc}", file=sys.stderr)
         return 2
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
+        return 130
     return 1 if failed.is_set() else 0
 
 
