@@ -190,9 +190,9 @@ def _respond(result: dict | AsyncIterator[dict]) -> Any:
     return EventSourceResponse(result, sep="\n")
 
 
-def _error_response(request: Request | None, error: APIError) -> JSONResponse:
-    if request is not None:
-        metrics: Metrics = request.app.state.metrics
+def _error_response(app: Any, error: APIError) -> JSONResponse:
+    metrics: Metrics = app.state.metrics
+    if metrics.model_name:  # errors before the model is bound (503 while loading) have no model label
         metrics.request_errors.labels(metrics.model_name, str(error.status)).inc()
     return JSONResponse(error.body().model_dump(), status_code=error.status)
 
@@ -213,11 +213,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error_response(request, exc)
+        return _error_response(request.app, exc)
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        return _error_response(request, from_exception(exc))
+        return _error_response(request.app, from_exception(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected) -> Response:
@@ -226,17 +226,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return _error_response(request, APIError(400, message, param=param, code="invalid_request"))
+        return _error_response(request.app, APIError(400, message, param=param, code="invalid_request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return _error_response(request, http_error(exc.status_code, detail))
+        return _error_response(request.app, http_error(exc.status_code, detail))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error for %s %s", request.method, request.url.path)
-        return _error_response(request, from_exception(exc))
+        return _error_response(request.app, from_exception(exc))
 
 
 class ApiKeyMiddleware:
@@ -252,6 +252,6 @@ class ApiKeyMiddleware:
             if not hmac.compare_digest(given, self._expected):
                 error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                  type_="invalid_request_error", code="invalid_api_key")
-                await JSONResponse(error.body().model_dump(), status_code=401)(scope, receive, send)
+                await _error_response(scope["app"], error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -244,6 +244,7 @@ def test_chat_logprobs_streaming(client) -> None:
     "kwargs, param",
     [
         (dict(prompt=""), None),
+        (dict(prompt=[7, 10**9]), None),
         (dict(prompt="hi", temperature=5.0), "temperature"),
         (dict(prompt="hi", temperature=-1), "temperature"),
         (dict(prompt="hi", top_p=0), "top_p"),
@@ -288,6 +289,7 @@ def test_api_key_required(server) -> None:
         assert r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong-key").models.list()
+    assert metric(server, "esp:request_errors_total", status="401") >= 3
     with server.http(auth=False) as http:  # probes and scrapers need no key
         assert http.get("/health").status_code == 200
         assert http.get("/metrics").status_code == 200
