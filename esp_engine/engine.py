@@ -8,6 +8,7 @@ propose -> forward the block -> verify -> compact the KV cache -> stream deltas.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .sampling import TokenChooser, token_logprobs
 from .sequence import Sequence, SequenceStatus
 from .tree import block_layout
 from .verifier import Verdict, verify
+
+log = logging.getLogger(__name__)
 
 _PROPOSERS = {"ar": None, "esp": EspProposer, "pld": PldProposer, "lade": LadeProposer, "hybrid": HybridProposer}
 
@@ -56,6 +59,7 @@ class RequestOutput:
     new_logprobs: list[dict] | None = None
     step: StepStats | None = None
     stop_token_id: int | None = None  # the EOS/stop id that ended the request (not in new_token_ids)
+    error: str | None = None  # set with finish_reason "error": this request failed, others go on
 
 
 @dataclass(slots=True)
@@ -156,14 +160,26 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         waiting = [s for s in self.sequences.values() if s.status is SequenceStatus.WAITING]
         if waiting:
-            outputs.append(self._prefill(waiting[0]))
+            outputs.append(self._guarded(self._prefill, waiting[0]))
         else:
             for seq in list(self.sequences.values()):
-                outputs.append(self._decode(seq))
+                outputs.append(self._guarded(self._decode, seq))
         for out in outputs:
             if out.finished:
                 self.sequences.pop(out.req_id, None)
         return outputs
+
+    def _guarded(self, run, seq: Sequence) -> RequestOutput:
+        """Run one sequence's pass; a failure ends that request alone, with its KV freed."""
+        try:
+            return run(seq)
+        except Exception as exc:
+            log.exception("request %s failed", seq.req_id)
+            seq.cache = None
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "error"
+            return RequestOutput(seq.req_id, [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                                 error=f"{type(exc).__name__}: {exc}")
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, spec: SpecConfig | None = None) -> GenerationResult:
         """Run one request to completion on its own (benchmarks, tests, the CLI)."""
@@ -184,13 +200,15 @@ class LLMEngine:
                                 seq.stats.num_decode_tokens, time.perf_counter() - start, logprobs)
 
     # ---- passes --------------------------------------------------------------------------
+    @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> RequestOutput:
         model = self.model
         prompt = torch.tensor(seq.prompt_ids, device=model.device)
         k = seq.proposer.num_prefill_masks
-        capacity = min(len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.loaded.max_model_len)
-        seq.cache = KVCache(*self._kv_args, capacity=capacity + self._max_block_rows(seq.spec) + k,
-                            dtype=model.dtype, device=model.device)
+        slack = self._max_block_rows(seq.spec) + k
+        longest = min(len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.loaded.max_model_len) + slack
+        seq.cache = KVCache(*self._kv_args, capacity=min(longest, len(seq.prompt_ids) + KVCache.GROWTH_CHUNK + slack),
+                            dtype=model.dtype, device=model.device, max_capacity=longest)
         embeds = model.embed(prompt)
         seq.proposer.begin(seq.prompt_ids, embeds)
         if k:
@@ -206,6 +224,7 @@ class LLMEngine:
         seq.stats.first_token_time = time.monotonic()
         return self._commit(seq, [token], last, step=None)
 
+    @torch.inference_mode()
     def _decode(self, seq: Sequence) -> RequestOutput:
         model, cache = self.model, seq.cache
         context = seq.context

@@ -165,8 +165,7 @@ class LlamaFamilyModel(nn.Module):
         num_rows = embeds.shape[0]
         start = cache.length
         end = start + num_rows
-        if end > cache.capacity:
-            raise RuntimeError(f"KV cache overflow: need {end} slots, have {cache.capacity}")
+        cache.ensure(end)
         cos = self.rope_cos[positions][None, :, :]  # [1, M, D]
         sin = self.rope_sin[positions][None, :, :]
         mask = _full_mask(attn_mask, start, num_rows, embeds.device)

@@ -239,6 +239,11 @@ class AsyncEngine:
         live.last_output = now
         if out.finished:
             del self._live[out.req_id]
+        if out.error is not None:  # the engine isolated a failure to this request
+            if self.metrics:
+                self.metrics.requests_aborted.labels(self.metrics.model_name, "error").inc()
+            live.stream._put(RuntimeError(out.error))
+            return
         live.stream._put(out)
 
     def _observe(self, live: _Live, out: RequestOutput, now: float) -> None:

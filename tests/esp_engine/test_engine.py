@@ -86,3 +86,36 @@ def test_step_interleaves_requests_until_all_finish(tiny):
         for out in engine.step():
             received[out.req_id].extend(out.new_token_ids)
     assert [len(received[i]) for i in ids] == [5, 9, 3]
+
+
+def test_a_failing_request_ends_alone_and_frees_its_cache(tiny):
+    engine = LLMEngine(tiny)
+    good = engine.add_request(PROMPT, SamplingParams(max_new_tokens=6), SpecConfig.from_preset("esp", "bc10"))
+    bad = engine.add_request(PROMPT, SamplingParams(max_new_tokens=6), SpecConfig.from_preset("pld", "bc10"))
+
+    def broken(*args, **kwargs):
+        raise ValueError("proposer exploded")
+
+    engine.sequences[bad].proposer.propose = broken
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.req_id] = out
+    assert finished[bad].finish_reason == "error" and "proposer exploded" in finished[bad].error
+    assert finished[good].finish_reason == "length" and finished[good].num_output_tokens == 6
+    assert engine.kv_cache_bytes() == 0
+
+
+def test_long_generations_grow_the_cache(tiny, monkeypatch):
+    from esp_engine.kv_cache import KVCache
+
+    monkeypatch.setattr(KVCache, "GROWTH_CHUNK", 16)  # start small: the cache must grow several times
+    grown = []
+    real_ensure = KVCache.ensure
+    monkeypatch.setattr(KVCache, "ensure", lambda self, n: (grown.append(n > self.capacity), real_ensure(self, n)))
+    engine = LLMEngine(tiny)
+    plain = engine.generate(PROMPT, SamplingParams(max_new_tokens=200, ignore_eos=True), SpecConfig(method="ar"))
+    spec = engine.generate(PROMPT, SamplingParams(max_new_tokens=200, ignore_eos=True), SpecConfig.from_preset("lade", "bc30"))
+    assert len(plain.output_ids) == 200 and spec.output_ids == plain.output_ids
+    assert sum(grown) >= 4

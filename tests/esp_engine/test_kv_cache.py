@@ -33,3 +33,21 @@ def test_truncate_drops_mask_rows():
     cache = _cache_with_slots(6)
     cache.truncate(4)
     assert cache.length == 4
+
+
+def test_cache_grows_on_demand_and_keeps_its_contents():
+    cache = _cache_with_slots(10)
+    cache.max_capacity = 1000
+    cache.ensure(12)
+    assert cache.capacity == 16
+    cache.ensure(40)
+    assert cache.capacity >= 272 and cache.keys.shape[2] == cache.capacity
+    assert cache.keys[0, 0, :10, 0].tolist() == list(range(10))
+
+
+def test_cache_refuses_to_grow_past_its_limit():
+    import pytest
+
+    cache = _cache_with_slots(4)
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.ensure(17)
