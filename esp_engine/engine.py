@@ -17,17 +17,17 @@ import torch
 
 from .config import SamplingParams, SpecConfig
 from .cost_model import BudgetTuner, StepCostModel
-from .errors import ContextLengthError, InvalidRequestError
+from .errors import ContextLengthError, EngineError, InvalidRequestError
 from .kv_cache import KVCache
 from .loader import LoadedModel
-from .proposers.base import Proposer
+from .proposers.base import Draft, Proposer
 from .proposers.esp import EspProposer
 from .proposers.hybrid import HybridProposer
 from .proposers.lade import LadeProposer
 from .proposers.pld import PldProposer
 from .sampling import TokenChooser, token_logprobs
 from .sequence import Sequence, SequenceStatus
-from .tree import block_layout
+from .tree import BlockLayout, block_layout
 from .verifier import Verdict, verify
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,17 @@ class GenerationResult:
     @property
     def tau(self) -> float:
         return self.num_decode_tokens / self.num_decode_calls if self.num_decode_calls else 0.0
+
+
+@dataclass(slots=True)
+class _Block:
+    """One sequence's share of a decode pass, between building and verification."""
+
+    draft: Draft
+    layout: BlockLayout
+    embeds: torch.Tensor  # [M, hidden]
+    positions: torch.Tensor  # [M]
+    base: int  # cache length before the pass == the root's position
 
 
 class LLMEngine:
@@ -156,30 +167,35 @@ class LLMEngine:
         return sum(s.cache.nbytes for s in self.sequences.values() if s.cache is not None)
 
     def step(self) -> list[RequestOutput]:
-        """Prefill one waiting request if any, else advance each running sequence by one pass."""
+        """Prefill one waiting request if any, else advance every running sequence by one pass.
+
+        All running sequences share that one forward pass: each contributes its own block
+        (root, draft tree, masks or lookahead rows), with its own positions and tree mask."""
         outputs: list[RequestOutput] = []
         waiting = [s for s in self.sequences.values() if s.status is SequenceStatus.WAITING]
         if waiting:
             outputs.append(self._guarded(self._prefill, waiting[0]))
-        else:
-            for seq in list(self.sequences.values()):
-                outputs.append(self._guarded(self._decode, seq))
+        elif self.sequences:
+            outputs.extend(self._decode_batch(list(self.sequences.values())))
         for out in outputs:
             if out.finished:
                 self.sequences.pop(out.req_id, None)
         return outputs
 
-    def _guarded(self, run, seq: Sequence) -> RequestOutput:
-        """Run one sequence's pass; a failure ends that request alone, with its KV freed."""
+    def _guarded(self, run, seq: Sequence, *args) -> RequestOutput:
+        """Run one sequence's work; a failure ends that request alone, with its KV freed."""
         try:
-            return run(seq)
+            return run(seq, *args)
         except Exception as exc:
-            log.exception("request %s failed", seq.req_id)
-            seq.cache = None
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "error"
-            return RequestOutput(seq.req_id, [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
-                                 error=f"{type(exc).__name__}: {exc}")
+            return self._fail(seq, exc)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        log.error("request %s failed", seq.req_id, exc_info=exc)
+        seq.cache = None
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        return RequestOutput(seq.req_id, [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                             error=f"{type(exc).__name__}: {exc}")
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, spec: SpecConfig | None = None) -> GenerationResult:
         """Run one request to completion on its own (benchmarks, tests, the CLI)."""
@@ -190,6 +206,8 @@ class LLMEngine:
         logprobs: list[dict] = []
         out = self._prefill(seq)
         while True:
+            if out.error is not None:
+                raise EngineError(f"generation failed: {out.error}")
             output_ids.extend(out.new_token_ids)
             logprobs.extend(out.new_logprobs or [])
             if out.finished:
@@ -224,28 +242,64 @@ class LLMEngine:
         seq.stats.first_token_time = time.monotonic()
         return self._commit(seq, [token], last, step=None)
 
-    @torch.inference_mode()
     def _decode(self, seq: Sequence) -> RequestOutput:
-        model, cache = self.model, seq.cache
+        return self._decode_batch([seq])[0]
+
+    @torch.inference_mode()
+    def _decode_batch(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """One forward pass over the blocks of `seqs`; a request whose proposer or
+        verification fails ends alone, a failing forward pass ends them all."""
+        outputs: dict[str, RequestOutput] = {}
+        blocks: list[tuple[Sequence, _Block]] = []
+        for seq in seqs:
+            try:
+                blocks.append((seq, self._build_block(seq)))
+            except Exception as exc:
+                outputs[seq.req_id] = self._fail(seq, exc)
+        if blocks:
+            try:
+                hidden = self.model.forward_batch(
+                    [seq.cache for seq, _ in blocks],
+                    torch.cat([b.embeds for _, b in blocks]),
+                    torch.cat([b.positions for _, b in blocks]),
+                    [b.layout.attn if b.layout.num_rows > 1 else None for _, b in blocks],
+                    [b.layout.num_rows for _, b in blocks],
+                )
+            except Exception as exc:
+                for seq, _ in blocks:
+                    outputs[seq.req_id] = self._fail(seq, exc)
+                return [outputs[s.req_id] for s in seqs]
+            row = 0
+            for seq, block in blocks:
+                rows = block.layout.num_rows
+                outputs[seq.req_id] = self._guarded(self._finish_block, seq, block, hidden[row : row + rows])
+                row += rows
+        return [outputs[s.req_id] for s in seqs]
+
+    def _build_block(self, seq: Sequence) -> "_Block":
+        model = self.model
         context = seq.context
-        root = context[-1]
-        base = cache.length  # == position of the root
+        base = seq.cache.length  # == position of the root
         draft = seq.proposer.propose(context, max_nodes=max(0, seq.remaining - 1))
         tree = draft.tree
         layout = block_layout(tuple(tree.parents), draft.num_masks, draft.lookahead_shape)
-        num_tree = layout.num_tree_rows
-        ids = [root, *tree.tokens]
+        ids = [context[-1], *tree.tokens]
         if draft.num_masks:
-            ids += [0] * (num_tree * draft.num_masks)
+            ids += [0] * (layout.num_tree_rows * draft.num_masks)
         ids += draft.lookahead_tokens
         embeds = model.embed(torch.tensor(ids, device=model.device))
         if draft.num_masks:
             embeds[layout.mask_rows] = draft.mask_embedding
         positions = (layout.offsets + base).clamp_(max=model.shape.max_position - 1)
-        hidden = model(cache, embeds, positions, layout.attn if layout.num_rows > 1 else None)
-        tree_logits = model.logits(hidden[:num_tree])
+        return _Block(draft, layout, embeds, positions, base)
+
+    def _finish_block(self, seq: Sequence, block: "_Block", hidden: torch.Tensor) -> RequestOutput:
+        """Verify, keep the accepted path's KV, update the proposer, commit."""
+        draft, layout, base = block.draft, block.layout, block.base
+        tree = draft.tree
+        tree_logits = self.model.logits(hidden[: layout.num_tree_rows])
         verdict = verify(tree, tree_logits, seq.chooser)
-        cache.compact(base, [base] + [base + r for r in verdict.accepted_rows])
+        seq.cache.compact(base, [base] + [base + r for r in verdict.accepted_rows])
         seq.proposer.observe(draft, layout, hidden, verdict)
         stats = seq.stats
         stats.num_decode_calls += 1

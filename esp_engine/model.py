@@ -162,41 +162,67 @@ class LlamaFamilyModel(nn.Module):
         The rows' K/V land in cache slots [length, length+M) and `cache.length` grows by M;
         the caller trims or compacts afterwards. Every row sees the whole existing cache.
         """
-        num_rows = embeds.shape[0]
-        start = cache.length
-        end = start + num_rows
-        cache.ensure(end)
-        cos = self.rope_cos[positions][None, :, :]  # [1, M, D]
-        sin = self.rope_sin[positions][None, :, :]
-        mask = _full_mask(attn_mask, start, num_rows, embeds.device)
+        return self.forward_batch([cache], embeds, positions, [attn_mask], [embeds.shape[0]])
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        caches: list[KVCache],
+        embeds: torch.Tensor,  # [sum(M_i), hidden]: the rows of every sequence, one after another
+        positions: torch.Tensor,  # [sum(M_i)]
+        attn_masks: list[torch.Tensor | None],  # per sequence, [M_i, M_i] or None (causal)
+        num_rows: list[int],  # M_i
+    ) -> torch.Tensor:
+        """`forward` for several sequences in one pass.
+
+        Every matmul runs once over all rows, so the weights are read once per step whatever
+        the batch (on a CPU as on a GPU, that read is most of a small-batch step); attention
+        runs per sequence against its own cache, with its own tree mask.
+        """
+        total = embeds.shape[0]
+        bounds, masks, spans = [], [], []
+        row = 0
+        for cache, mask, n in zip(caches, attn_masks, num_rows):
+            start = cache.length
+            cache.ensure(start + n)
+            bounds.append((row, row + n))
+            spans.append((start, start + n))
+            masks.append(_full_mask(mask, start, n, embeds.device))
+            row += n
+        cos = self.rope_cos[positions][:, None, :]  # [R, 1, D]
+        sin = self.rope_sin[positions][:, None, :]
         x = embeds
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.wqkv(h)
-            q = qkv[:, : layer.q_size].view(num_rows, layer.num_heads, layer.head_dim).transpose(0, 1)
-            k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(num_rows, layer.num_kv_heads, layer.head_dim).transpose(0, 1)
-            v = qkv[:, layer.q_size + layer.kv_size :].view(num_rows, layer.num_kv_heads, layer.head_dim).transpose(0, 1)
+            q = qkv[:, : layer.q_size].view(total, layer.num_heads, layer.head_dim)
+            k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(total, layer.num_kv_heads, layer.head_dim)
+            v = qkv[:, layer.q_size + layer.kv_size :].view(total, layer.num_kv_heads, layer.head_dim)
             if layer.q_norm is not None:
                 q = layer.q_norm(q)
                 k = layer.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.keys[i, :, start:end] = k
-            cache.values[i, :, start:end] = v
-            attn = F.scaled_dot_product_attention(
-                q[None],
-                cache.keys[i, :, :end][None],
-                cache.values[i, :, :end][None],
-                attn_mask=mask,
-                is_causal=False,
-                scale=self.scale,
-                enable_gqa=layer.num_heads != layer.num_kv_heads,
-            )[0]
-            x = x + layer.wo(attn.transpose(0, 1).reshape(num_rows, layer.q_size))
+            outs = []
+            for cache, (r0, r1), (s0, s1), mask in zip(caches, bounds, spans, masks):
+                cache.keys[i, :, s0:s1] = k[r0:r1].transpose(0, 1)
+                cache.values[i, :, s0:s1] = v[r0:r1].transpose(0, 1)
+                outs.append(F.scaled_dot_product_attention(
+                    q[r0:r1].transpose(0, 1)[None],
+                    cache.keys[i, :, :s1][None],
+                    cache.values[i, :, :s1][None],
+                    attn_mask=mask,
+                    is_causal=False,
+                    scale=self.scale,
+                    enable_gqa=layer.num_heads != layer.num_kv_heads,
+                )[0].transpose(0, 1))
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+            x = x + layer.wo(attn.reshape(total, layer.q_size))
             h = layer.post_norm(x)
             gate_up = layer.w_gate_up(h)
             x = x + layer.w_down(F.silu(gate_up[:, : layer.intermediate]) * gate_up[:, layer.intermediate :])
-        cache.length = end
+        for cache, (_, s1) in zip(caches, spans):
+            cache.length = s1
         return self.norm(x)
 
 

@@ -119,3 +119,32 @@ def test_long_generations_grow_the_cache(tiny, monkeypatch):
     spec = engine.generate(PROMPT, SamplingParams(max_new_tokens=200, ignore_eos=True), SpecConfig.from_preset("lade", "bc30"))
     assert len(plain.output_ids) == 200 and spec.output_ids == plain.output_ids
     assert sum(grown) >= 4
+
+
+def test_concurrent_requests_share_passes_and_match_their_solo_outputs(smol, smol_engine):
+    from tests.conftest import chat_ids
+
+    texts = ["Name three rivers.", "What is 12 times 7?", "Write one line about cats.",
+             "Translate 'good morning' into French.", "List two prime numbers.", "Say hello."]
+    settings = [("ar", None, 12, ()), ("esp", "bc10", 20, ()), ("pld", "bc30", 16, ()),
+                ("lade", "bc10", 24, ()), ("hybrid", "bc30", 20, ()), ("esp", "auto", 8, ())]
+    prompts = [chat_ids(smol.tokenizer, t) for t in texts]
+    solo = [smol_engine.generate(p, SamplingParams(max_new_tokens=n), SpecConfig(method="ar")).output_ids
+            for p, (_, _, n, _) in zip(prompts, settings)]
+    engine = LLMEngine(smol)
+    ids = []
+    for i, (prompt, (method, preset, n, _)) in enumerate(zip(prompts, settings)):
+        stop = (solo[i][5],) if i == 2 else ()  # one request stops on a token id mid-run
+        ids.append(engine.add_request(prompt, SamplingParams(max_new_tokens=n, stop_token_ids=stop),
+                                      SpecConfig.from_preset(method, preset)))
+    received = {i: [] for i in ids}
+    batch_sizes = []
+    while engine.has_unfinished():
+        outs = engine.step()
+        batch_sizes.append(len(outs))
+        for out in outs:
+            received[out.req_id].extend(out.new_token_ids)
+    for i, req_id in enumerate(ids):
+        expected = solo[i][: solo[i].index(solo[i][5])] if i == 2 else solo[i]
+        assert received[req_id] == expected, settings[i]
+    assert max(batch_sizes) == len(ids)  # all six decoded in one pass at some step
