@@ -337,8 +337,6 @@ class LLMEngine:
         num_counted = len(kept) + (stop_token is not None)
         if step is not None:
             step.num_committed = num_counted
-        if seq.finish_reason is None and self._out_of_room(seq, len(kept)):
-            seq.finish_reason = "length"
         seq.output_ids.extend(kept)
         seq.proposer.on_commit(kept)
         logprobs = None
@@ -351,9 +349,6 @@ class LLMEngine:
             seq.cache = None
         return RequestOutput(seq.req_id, kept, finished, seq.finish_reason, len(seq.prompt_ids),
                              len(seq.output_ids), logprobs, step, stop_token)
-
-    def _out_of_room(self, seq: Sequence, num_new: int) -> bool:
-        return seq.num_tokens + num_new >= self.loaded.max_model_len
 
     @staticmethod
     def _max_block_rows(spec: SpecConfig) -> int:
