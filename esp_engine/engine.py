@@ -89,7 +89,14 @@ class _Block:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, default_spec: SpecConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, default_spec: SpecConfig | None = None,
+                 max_rows_per_step: int | None = None) -> None:
+        """`max_rows_per_step` caps the rows of one batched pass (vLLM's max_num_batched_tokens
+        for decode): as the batch grows, each sequence's draft tree shrinks to its share, down to
+        plain decoding, so speculation never multiplies the cost of a loaded step."""
+        if max_rows_per_step is not None and max_rows_per_step < 1:
+            raise InvalidRequestError("max_rows_per_step must be at least 1")
+        self.max_rows_per_step = max_rows_per_step
         self.loaded = loaded
         self.model = loaded.model
         self.default_spec = default_spec or SpecConfig.from_preset("esp", "bc30")
@@ -251,9 +258,10 @@ class LLMEngine:
         verification fails ends alone, a failing forward pass ends them all."""
         outputs: dict[str, RequestOutput] = {}
         blocks: list[tuple[Sequence, _Block]] = []
+        row_share = self.max_rows_per_step // len(seqs) if self.max_rows_per_step else None
         for seq in seqs:
             try:
-                blocks.append((seq, self._build_block(seq)))
+                blocks.append((seq, self._build_block(seq, row_share)))
             except Exception as exc:
                 outputs[seq.req_id] = self._fail(seq, exc)
         if blocks:
@@ -276,11 +284,15 @@ class LLMEngine:
                 row += rows
         return [outputs[s.req_id] for s in seqs]
 
-    def _build_block(self, seq: Sequence) -> "_Block":
+    def _build_block(self, seq: Sequence, row_share: int | None = None) -> "_Block":
         model = self.model
         context = seq.context
         base = seq.cache.length  # == position of the root
-        draft = seq.proposer.propose(context, max_nodes=max(0, seq.remaining - 1))
+        max_nodes = max(0, seq.remaining - 1)
+        if row_share is not None:  # every tree row brings its k mask rows along
+            rows_per_node = seq.spec.num_masks + 1 if seq.spec.method in ("esp", "hybrid") else 1
+            max_nodes = min(max_nodes, max(0, row_share // rows_per_node - 1))
+        draft = seq.proposer.propose(context, max_nodes=max_nodes)
         tree = draft.tree
         layout = block_layout(tuple(tree.parents), draft.num_masks, draft.lookahead_shape)
         ids = [context[-1], *tree.tokens]

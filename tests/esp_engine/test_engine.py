@@ -148,3 +148,20 @@ def test_concurrent_requests_share_passes_and_match_their_solo_outputs(smol, smo
         expected = solo[i][: solo[i].index(solo[i][5])] if i == 2 else solo[i]
         assert received[req_id] == expected, settings[i]
     assert max(batch_sizes) == len(ids)  # all six decoded in one pass at some step
+
+
+def test_a_row_cap_shrinks_trees_as_the_batch_grows_and_stays_lossless(tiny):
+    solo = LLMEngine(tiny)
+    expected = solo.generate(PROMPT, SamplingParams(max_new_tokens=12), SpecConfig(method="ar")).output_ids
+    engine = LLMEngine(tiny, max_rows_per_step=12)
+    specs = [SpecConfig.from_preset("esp", "bc30"), SpecConfig.from_preset("pld", "bc30"),
+             SpecConfig.from_preset("hybrid", "bc30")]
+    ids = [engine.add_request(PROMPT, SamplingParams(max_new_tokens=12), spec) for spec in specs]
+    received = {i: [] for i in ids}
+    while engine.has_unfinished():
+        outs = engine.step()
+        for out in outs:
+            received[out.req_id].extend(out.new_token_ids)
+            if out.step is not None and len(outs) == 3:
+                assert out.step.block_rows <= 12 // 3  # each sequence's share of the cap
+    assert all(received[i] == expected for i in ids)
