@@ -173,6 +173,12 @@ class LLMEngine:
     def kv_cache_bytes(self) -> int:
         return sum(s.cache.nbytes for s in self.sequences.values() if s.cache is not None)
 
+    def kv_cache_usage(self) -> float:
+        """Fraction (0..1) of the KV-cache pool held by live sequences."""
+        capacity = self.loaded.max_model_len * 64  # replaced by the block pool's size
+        used = sum(s.cache.capacity for s in self.sequences.values() if s.cache is not None)
+        return min(1.0, used / capacity)
+
     def step(self) -> list[RequestOutput]:
         """Prefill one waiting request if any, else advance every running sequence by one pass.
 
