@@ -17,6 +17,9 @@ Metrics, pooled over prompts (sum over sum, not a mean of ratios):
   forward_calls model forward passes, prefill included.
   exact_match   with --check-lossless: fraction of prompts whose output ids equal plain `ar`'s.
 
+`esp-bench serve ...` is the serving benchmark (esp_engine/bench_serve.py): it drives a running
+server over HTTP instead of loading a model.
+
 Method `hf` is an external baseline: transformers' own `model.generate()` on the same
 weights (greedy, no speculation); its forward calls are its generated tokens and its tau 1.0.
 """
@@ -360,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="esp-bench",
         description="Benchmark speculative decoding methods (greedy) on Spec-Bench prompts.",
+        epilog="`esp-bench serve --help`: the serving benchmark against a running server.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m-instruct",
@@ -384,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":  # `esp-bench serve ...`: the serving benchmark against a running server
+        from .bench_serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
