@@ -25,6 +25,7 @@ class StepCostModel:
 
     rows: list[int]
     seconds: list[float]
+    per_sequence: float = 0.0  # extra seconds for each further sequence in a batched pass (its attention)
 
     def cost(self, num_rows: int) -> float:
         if num_rows <= self.rows[0]:
@@ -41,7 +42,7 @@ class StepCostModel:
         """Time blocks of each size after `context` cached tokens; the best of `repeats`."""
         shape = model.shape
         context = min(context, shape.max_position - max(rows) - 1)
-        cache = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, context + max(rows), model.dtype, model.device)
+        cache = KVCache.standalone(shape.num_layers, shape.num_kv_heads, shape.head_dim, context + max(rows), model.dtype, model.device)
         ids = torch.randint(0, shape.vocab_size, (context + max(rows),), device=model.device)
         model(cache, model.embed(ids[:context]), torch.arange(context, device=model.device), None)
         seconds = []
@@ -59,7 +60,40 @@ class StepCostModel:
                     torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - start)
             seconds.append(best)
-        return cls(list(rows), seconds)
+        return cls(list(rows), seconds, cls._measure_per_sequence(model, context, repeats))
+
+    @staticmethod
+    def _measure_per_sequence(model: LlamaFamilyModel, context: int, repeats: int, batch: int = 8) -> float:
+        """8 sequences of one row against one sequence of 8 rows: the difference is the price
+        of the per-sequence attention calls of a batched pass."""
+        shape = model.shape
+        caches = [KVCache.standalone(shape.num_layers, shape.num_kv_heads, shape.head_dim, context + batch,
+                                     model.dtype, model.device) for _ in range(batch)]
+        ids = torch.randint(0, shape.vocab_size, (context + 1,), device=model.device)
+        for cache in caches:
+            model(cache, model.embed(ids[:context]), torch.arange(context, device=model.device), None)
+        embeds = model.embed(ids[context:].expand(batch))
+        positions = torch.full((batch,), context, device=model.device)
+        one_mask = torch.ones(batch, batch, dtype=torch.bool, device=model.device).tril_()
+
+        def timed(run) -> float:
+            best = float("inf")
+            for _ in range(repeats + 1):
+                for cache in caches:
+                    cache.truncate(context)
+                start = time.perf_counter()
+                run()
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        together = timed(lambda: model.forward_batch(caches, embeds, positions, [None] * batch, [1] * batch))
+        alone = timed(lambda: model(caches[0], embeds, torch.arange(context, context + batch, device=model.device), one_mask))
+        return max(0.0, (together - alone) / (batch - 1))
+
+    def batch_cost(self, num_rows: int, num_sequences: int) -> float:
+        return self.cost(num_rows) + self.per_sequence * max(0, num_sequences - 1)
 
 
 @dataclass(slots=True)
@@ -97,3 +131,59 @@ class BudgetTuner:
             self.offered[r] += 1
         if accepted_rank is not None and accepted_rank < self.max_width:
             self.accepted[accepted_rank] += 1
+
+
+SHARES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(slots=True)
+class LoadTuner:
+    """Rows per sequence for a batched decode pass, from measured step cost and acceptance.
+
+    Each step every decoding sequence may use at most `share` rows (its root, its tree and
+    its masks or lookahead window). The tuner picks the share that maximises the batch's
+    expected tokens per second: sum over sequences of the tokens a pass commits at that
+    share, over the measured cost of a pass of that many rows and sequences. On a GPU a pass
+    costs the same for 1 or 64 rows, so shares stay large; on a CPU, or as the batch grows, a
+    larger share stops paying and the tuner falls back towards plain decoding (share 1),
+    which commits exactly one token per pass by definition. Tokens per pass at each share
+    are learnt per method with a decaying average, starting from an optimistic prior so
+    every share gets tried.
+    """
+
+    costs: StepCostModel
+    decay: float = 0.99  # per recorded pass: about the last 100 passes of a (method, share) count
+    prior_weight: float = 1.0
+    _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
+    _weight: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    @staticmethod
+    def prior(share: int) -> float:
+        return 1.0 + 0.5 * (share - 1) ** 0.5
+
+    def expected(self, method: str, share: int) -> float:
+        if method == "ar" or share <= 1:
+            return 1.0
+        key = (method, share)
+        w = self._weight.get(key, 0.0)
+        return (self._tokens.get(key, 0.0) + self.prior(share) * self.prior_weight) / (w + self.prior_weight)
+
+    def choose(self, methods: list[str], caps: list[int], extra_rows: int = 0) -> int:
+        """The share for this pass; `caps` are each sequence's own largest block, `extra_rows`
+        the prefill rows riding along."""
+        top = max(caps, default=1)
+        best_share, best_rate = 1, 0.0
+        for share in [s for s in SHARES if s < top] + [top]:
+            rows = sum(min(share, cap) for cap in caps) + extra_rows
+            tokens = sum(self.expected(m, min(share, cap)) for m, cap in zip(methods, caps))
+            rate = tokens / self.costs.batch_cost(rows, len(caps) + (extra_rows > 0))
+            if rate > best_rate * (1 + 1e-9):
+                best_share, best_rate = share, rate
+        return best_share
+
+    def record(self, method: str, share: int, tokens: int) -> None:
+        if method == "ar" or share <= 1:
+            return
+        key = (method, share)
+        self._tokens[key] = self._tokens.get(key, 0.0) * self.decay + tokens
+        self._weight[key] = self._weight.get(key, 0.0) * self.decay + 1.0

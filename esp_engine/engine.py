@@ -1,13 +1,14 @@
-"""The engine: requests in, committed tokens out, one forward pass per sequence step.
+"""The engine: requests in, committed tokens out, one batched forward pass per step.
 
-`LLMEngine` owns the model and every sequence's KV cache. It is synchronous and single-
-threaded on purpose; the server drives it from one worker thread. A step prefills waiting
-requests, then advances every running sequence by one speculative pass:
-propose -> forward the block -> verify -> compact the KV cache -> stream deltas.
+`LLMEngine` owns the model, the KV pool and every sequence. It is synchronous and single-
+threaded on purpose; the server drives it from one worker thread. Each step the scheduler
+picks the work (a block per decoding sequence, prefill chunks for admitted ones), and the
+engine runs it as one pass: propose -> forward -> verify -> compact the KV cache -> outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SamplingParams, SpecConfig
-from .cost_model import BudgetTuner, StepCostModel
+from .cost_model import BudgetTuner, LoadTuner, StepCostModel
 from .errors import ContextLengthError, EngineError, InvalidRequestError
-from .kv_cache import KVCache
+from .kv_cache import KVPool
 from .loader import LoadedModel
 from .proposers.base import Draft, Proposer
 from .proposers.esp import EspProposer
@@ -26,12 +27,14 @@ from .proposers.hybrid import HybridProposer
 from .proposers.lade import LadeProposer
 from .proposers.pld import PldProposer
 from .sampling import TokenChooser, token_logprobs
+from .scheduler import PrefillChunk, ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
 from .tree import BlockLayout, block_layout
 from .verifier import Verdict, verify
 
 log = logging.getLogger(__name__)
 
+_MAX_SLACK = 256  # KV rows a decode block and prefill masks may add beyond the context, at most
 _PROPOSERS = {"ar": None, "esp": EspProposer, "pld": PldProposer, "lade": LadeProposer, "hybrid": HybridProposer}
 
 
@@ -86,25 +89,52 @@ class _Block:
     embeds: torch.Tensor  # [M, hidden]
     positions: torch.Tensor  # [M]
     base: int  # cache length before the pass == the root's position
+    cap: int  # rows the scheduler allowed
+    warm: bool  # the proposer had fresh guesses (ESP: masks from the previous pass)
 
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, default_spec: SpecConfig | None = None,
-                 max_rows_per_step: int | None = None) -> None:
-        """`max_rows_per_step` caps the rows of one batched pass (vLLM's max_num_batched_tokens
-        for decode): as the batch grows, each sequence's draft tree shrinks to its share, down to
-        plain decoding, so speculation never multiplies the cost of a loaded step."""
-        if max_rows_per_step is not None and max_rows_per_step < 1:
-            raise InvalidRequestError("max_rows_per_step must be at least 1")
-        self.max_rows_per_step = max_rows_per_step
+                 scheduler_config: SchedulerConfig | None = None, max_rows_per_step: int | None = None) -> None:
+        """`scheduler_config` sets batching, the KV-cache budget and load-adaptive speculation;
+        `max_rows_per_step` is a shortcut for its cap on the decode rows of one pass (vLLM's
+        max_num_batched_tokens for decode): as the batch grows, each sequence's draft tree
+        shrinks to its share, down to plain decoding."""
+        config = scheduler_config or SchedulerConfig()
+        if max_rows_per_step is not None:
+            config = dataclasses.replace(config, max_rows_per_step=max_rows_per_step)
         self.loaded = loaded
         self.model = loaded.model
         self.default_spec = default_spec or SpecConfig.from_preset("esp", "bc30")
+        self.config = config
         self.sequences: dict[str, Sequence] = {}
-        shape = self.model.shape
-        self._kv_args = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
         self._step_costs: StepCostModel | None = None
         self._tuners: dict[tuple, BudgetTuner] = {}
+        shape = self.model.shape
+        self.kv_pool = KVPool.from_budget(self._kv_budget(config), shape.num_layers, shape.num_kv_heads,
+                                          shape.head_dim, config.block_size, self.model.dtype, self.model.device)
+        self.load_tuner = LoadTuner(self.step_costs()) if config.load_adaptive else None
+        self.scheduler = Scheduler(config, self.kv_pool, self._block_rows, self._slack, self._max_slots, self.load_tuner)
+        log.info("KV cache: %d blocks of %d slots (%.0f MiB)", self.kv_pool.num_blocks, config.block_size,
+                 self.kv_pool.nbytes / 2**20)
+
+    def _kv_budget(self, config: SchedulerConfig) -> int:
+        """The configured budget, else enough for `max_num_seqs` full-length sequences, at most
+        4 GiB on a CPU (vLLM's CPU default) or 80% of the free memory of a GPU."""
+        if config.kv_cache_bytes is not None:
+            return config.kv_cache_bytes
+        shape = self.model.shape
+        per_slot = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.empty((), dtype=self.model.dtype).element_size()
+        enough = config.max_num_seqs * (self.loaded.max_model_len + 2 * _MAX_SLACK) * per_slot
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return min(enough, int(0.8 * free))
+        return min(enough, 4 * 2**30)
+
+    def step_costs(self) -> StepCostModel:
+        if self._step_costs is None:
+            self._step_costs = StepCostModel.measure(self.model)
+        return self._step_costs
 
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, spec: SpecConfig | None = None,
@@ -116,7 +146,9 @@ class LLMEngine:
         self.validate(prompt_ids, sampling)
         spec = spec or self.default_spec
         proposer = self._make_proposer(spec)
-        self.sequences[req_id] = Sequence(req_id, list(prompt_ids), sampling, spec, TokenChooser(sampling), proposer)
+        seq = Sequence(req_id, list(prompt_ids), sampling, spec, TokenChooser(sampling), proposer)
+        self.scheduler.add(seq)
+        self.sequences[req_id] = seq
         return req_id
 
     def _make_proposer(self, spec: SpecConfig) -> Proposer:
@@ -131,9 +163,7 @@ class LLMEngine:
         """One tuner per (method, budget), shared by sequences: acceptance is learnt across requests."""
         key = (spec.method, spec.esp_node_budget)
         if key not in self._tuners:
-            if self._step_costs is None:
-                self._step_costs = StepCostModel.measure(self.model)
-            self._tuners[key] = BudgetTuner(self._step_costs, max_width=spec.esp_node_budget)
+            self._tuners[key] = BudgetTuner(self.step_costs(), max_width=spec.esp_node_budget)
         return self._tuners[key]
 
     def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
@@ -154,7 +184,7 @@ class LLMEngine:
         seq = self.sequences.pop(req_id, None)
         if seq is None:
             return False
-        seq.cache = None
+        self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = seq.finish_reason or "abort"
         return True
@@ -164,141 +194,152 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(1 for s in self.sequences.values() if s.status is SequenceStatus.RUNNING)
+        return sum(1 for s in self.sequences.values() if s.status in (SequenceStatus.RUNNING, SequenceStatus.PREFILLING))
 
     @property
     def num_waiting(self) -> int:
         return sum(1 for s in self.sequences.values() if s.status is SequenceStatus.WAITING)
 
     def kv_cache_bytes(self) -> int:
+        """Bytes of KV cache held by live sequences (the pool itself is preallocated)."""
         return sum(s.cache.nbytes for s in self.sequences.values() if s.cache is not None)
 
     def kv_cache_usage(self) -> float:
-        """Fraction (0..1) of the KV-cache pool held by live sequences."""
-        capacity = self.loaded.max_model_len * 64  # replaced by the block pool's size
-        used = sum(s.cache.capacity for s in self.sequences.values() if s.cache is not None)
-        return min(1.0, used / capacity)
+        """Fraction (0..1) of the KV pool's blocks held by live sequences."""
+        return self.kv_pool.usage()
 
+    # ---- sizes the scheduler asks for ----------------------------------------------------
+    @staticmethod
+    def _block_rows(seq: Sequence) -> int:
+        return seq.spec.block_complexity if seq.spec.method != "ar" else 1
+
+    def _slack(self, seq: Sequence) -> int:
+        return seq.proposer.num_prefill_masks + self._block_rows(seq) + 1
+
+    def _max_slots(self, seq: Sequence) -> int:
+        longest = min(len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.loaded.max_model_len)
+        return longest + self._slack(seq)
+
+    # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Prefill one waiting request if any, else advance every running sequence by one pass.
-
-        All running sequences share that one forward pass: each contributes its own block
-        (root, draft tree, masks or lookahead rows), with its own positions and tree mask."""
-        outputs: list[RequestOutput] = []
-        waiting = [s for s in self.sequences.values() if s.status is SequenceStatus.WAITING]
-        if waiting:
-            outputs.append(self._guarded(self._prefill, waiting[0]))
-        elif self.sequences:
-            outputs.extend(self._decode_batch(list(self.sequences.values())))
+        """One forward pass: a block for every decoding sequence (root, draft tree, masks or
+        lookahead rows, each with its own positions and tree mask) plus prefill chunks of
+        admitted requests, as far as the step's token budget allows."""
+        plan = self.scheduler.schedule()
+        outputs = self._run(plan) if not plan.is_empty else []
         for out in outputs:
             if out.finished:
-                self.sequences.pop(out.req_id, None)
+                seq = self.sequences.pop(out.req_id, None)
+                if seq is not None:
+                    self.scheduler.remove(seq)
         return outputs
 
-    def _guarded(self, run, seq: Sequence, *args) -> RequestOutput:
-        """Run one sequence's work; a failure ends that request alone, with its KV freed."""
-        try:
-            return run(seq, *args)
-        except Exception as exc:
-            return self._fail(seq, exc)
-
-    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
-        log.error("request %s failed", seq.req_id, exc_info=exc)
-        seq.cache = None
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "error"
-        return RequestOutput(seq.req_id, [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
-                             error=f"{type(exc).__name__}: {exc}")
-
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, spec: SpecConfig | None = None) -> GenerationResult:
-        """Run one request to completion on its own (benchmarks, tests, the CLI)."""
+        """Run one request to completion (benchmarks, tests, the CLI); other requests in the
+        engine advance alongside."""
         start = time.perf_counter()
         req_id = self.add_request(prompt_ids, sampling, spec)
         seq = self.sequences[req_id]
         output_ids: list[int] = []
         logprobs: list[dict] = []
-        out = self._prefill(seq)
         while True:
+            mine = [o for o in self.step() if o.req_id == req_id]
+            if not mine:
+                continue
+            out = mine[0]
             if out.error is not None:
                 raise EngineError(f"generation failed: {out.error}")
             output_ids.extend(out.new_token_ids)
             logprobs.extend(out.new_logprobs or [])
             if out.finished:
                 break
-            out = self._decode(seq)
-        self.sequences.pop(req_id, None)
         return GenerationResult(output_ids, out.finish_reason or "stop", len(prompt_ids), seq.stats.num_decode_calls,
                                 seq.stats.num_decode_tokens, time.perf_counter() - start, logprobs)
 
-    # ---- passes --------------------------------------------------------------------------
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        log.error("request %s failed", seq.req_id, exc_info=exc)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        return RequestOutput(seq.req_id, [], True, "error", len(seq.prompt_ids), len(seq.output_ids),
+                             error=f"{type(exc).__name__}: {exc}")
+
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence) -> RequestOutput:
-        model = self.model
-        prompt = torch.tensor(seq.prompt_ids, device=model.device)
-        k = seq.proposer.num_prefill_masks
-        slack = self._max_block_rows(seq.spec) + k
-        longest = min(len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.loaded.max_model_len) + slack
-        seq.cache = KVCache(*self._kv_args, capacity=min(longest, len(seq.prompt_ids) + KVCache.GROWTH_CHUNK + slack),
-                            dtype=model.dtype, device=model.device, max_capacity=longest)
-        embeds = model.embed(prompt)
-        seq.proposer.begin(seq.prompt_ids, embeds)
+    def _run(self, plan: ScheduledStep) -> list[RequestOutput]:
+        """Build every piece of the pass, run it once, then verify or finish each piece.
+        A request whose own work fails ends alone; a failing forward pass ends them all."""
+        outputs: list[RequestOutput] = []
+        pieces: list[tuple[Sequence, object, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        for seq, cap in plan.decode:
+            try:
+                block = self._build_block(seq, cap)
+                pieces.append((seq, block, block.embeds, block.positions,
+                               block.layout.attn if block.layout.num_rows > 1 else None))
+            except Exception as exc:
+                outputs.append(self._fail(seq, exc))
+        for chunk in plan.prefill:
+            try:
+                embeds, positions = self._build_prefill(chunk)
+                pieces.append((chunk.seq, chunk, embeds, positions, None))
+            except Exception as exc:
+                outputs.append(self._fail(chunk.seq, exc))
+        if not pieces:
+            return outputs
+        rows = [p[2].shape[0] for p in pieces]
+        try:
+            hidden = self.model.forward_batch([p[0].cache for p in pieces], torch.cat([p[2] for p in pieces]),
+                                              torch.cat([p[3] for p in pieces]), [p[4] for p in pieces], rows)
+        except Exception as exc:
+            return outputs + [self._fail(p[0], exc) for p in pieces]
+        row = 0
+        for (seq, work, *_), n in zip(pieces, rows):
+            part = hidden[row : row + n]
+            row += n
+            try:
+                if isinstance(work, PrefillChunk):
+                    out = self._finish_prefill(work, part)
+                else:
+                    out = self._finish_block(seq, work, part, plan.share)
+            except Exception as exc:
+                out = self._fail(seq, exc)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _build_prefill(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        seq, model = chunk.seq, self.model
+        fresh = not seq.output_ids
+        embeds = model.embed(torch.tensor(seq.prefill_ids[chunk.start : chunk.end], device=model.device))
+        if fresh and chunk.start == 0:
+            whole = embeds if chunk.is_last else model.embed(torch.tensor(seq.prompt_ids, device=model.device))
+            seq.proposer.begin(seq.prompt_ids, whole)
+        k = seq.proposer.num_prefill_masks if fresh and chunk.is_last else 0
         if k:
             embeds = torch.cat([embeds, seq.proposer.mask_embedding().expand(k, -1)], dim=0)
-        positions = torch.arange(embeds.shape[0], device=model.device).clamp_(max=model.shape.max_position - 1)
-        hidden = model(seq.cache, embeds, positions, None)
-        num_prompt = len(seq.prompt_ids)
-        seq.cache.truncate(num_prompt)  # drop the masks' KV
-        last = model.logits(hidden[num_prompt - 1 : num_prompt])
-        token = seq.chooser.choose(last[0])
-        seq.proposer.on_prefill(hidden[num_prompt:] if k else None)
+        positions = torch.arange(chunk.start, chunk.end + k, device=model.device).clamp_(max=model.shape.max_position - 1)
+        return embeds, positions
+
+    def _finish_prefill(self, chunk: PrefillChunk, hidden: torch.Tensor) -> RequestOutput | None:
+        seq = chunk.seq
+        if not chunk.is_last:
+            return None
         seq.status = SequenceStatus.RUNNING
+        if seq.output_ids:  # recomputed after a preemption: the next step decodes from here
+            return None
+        n = chunk.end - chunk.start
+        seq.cache.truncate(chunk.end)  # drop the masks' KV
+        last = self.model.logits(hidden[n - 1 : n])
+        token = seq.chooser.choose(last[0])
+        seq.proposer.on_prefill(hidden[n:] if hidden.shape[0] > n else None)
         seq.stats.first_token_time = time.monotonic()
         return self._commit(seq, [token], last, step=None)
 
-    def _decode(self, seq: Sequence) -> RequestOutput:
-        return self._decode_batch([seq])[0]
-
-    @torch.inference_mode()
-    def _decode_batch(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """One forward pass over the blocks of `seqs`; a request whose proposer or
-        verification fails ends alone, a failing forward pass ends them all."""
-        outputs: dict[str, RequestOutput] = {}
-        blocks: list[tuple[Sequence, _Block]] = []
-        row_share = self.max_rows_per_step // len(seqs) if self.max_rows_per_step else None
-        for seq in seqs:
-            try:
-                blocks.append((seq, self._build_block(seq, row_share)))
-            except Exception as exc:
-                outputs[seq.req_id] = self._fail(seq, exc)
-        if blocks:
-            try:
-                hidden = self.model.forward_batch(
-                    [seq.cache for seq, _ in blocks],
-                    torch.cat([b.embeds for _, b in blocks]),
-                    torch.cat([b.positions for _, b in blocks]),
-                    [b.layout.attn if b.layout.num_rows > 1 else None for _, b in blocks],
-                    [b.layout.num_rows for _, b in blocks],
-                )
-            except Exception as exc:
-                for seq, _ in blocks:
-                    outputs[seq.req_id] = self._fail(seq, exc)
-                return [outputs[s.req_id] for s in seqs]
-            row = 0
-            for seq, block in blocks:
-                rows = block.layout.num_rows
-                outputs[seq.req_id] = self._guarded(self._finish_block, seq, block, hidden[row : row + rows])
-                row += rows
-        return [outputs[s.req_id] for s in seqs]
-
-    def _build_block(self, seq: Sequence, row_share: int | None = None) -> "_Block":
+    def _build_block(self, seq: Sequence, cap: int) -> "_Block":
         model = self.model
         context = seq.context
         base = seq.cache.length  # == position of the root
-        max_nodes = max(0, seq.remaining - 1)
-        if row_share is not None:  # every tree row brings its k mask rows along
-            rows_per_node = seq.spec.num_masks + 1 if seq.spec.method in ("esp", "hybrid") else 1
-            max_nodes = min(max_nodes, max(0, row_share // rows_per_node - 1))
-        draft = seq.proposer.propose(context, max_nodes=max_nodes)
+        max_nodes, extras = self._fit(seq, cap)
+        warm = getattr(seq.proposer, "mask_logprobs", True) is not None
+        draft = seq.proposer.propose(context, max_nodes=max_nodes, extras=extras)
         tree = draft.tree
         layout = block_layout(tuple(tree.parents), draft.num_masks, draft.lookahead_shape)
         ids = [context[-1], *tree.tokens]
@@ -309,9 +350,25 @@ class LLMEngine:
         if draft.num_masks:
             embeds[layout.mask_rows] = draft.mask_embedding
         positions = (layout.offsets + base).clamp_(max=model.shape.max_position - 1)
-        return _Block(draft, layout, embeds, positions, base)
+        return _Block(draft, layout, embeds, positions, base, cap, warm)
 
-    def _finish_block(self, seq: Sequence, block: "_Block", hidden: torch.Tensor) -> RequestOutput:
+    def _fit(self, seq: Sequence, cap: int) -> tuple[int, bool]:
+        """Most draft nodes, and whether mask/lookahead rows fit, in a block of `cap` rows."""
+        spec = seq.spec
+        max_nodes = max(0, seq.remaining - 1)
+        if cap >= self._block_rows(seq):
+            return max_nodes, True
+        if spec.method in ("esp", "hybrid"):
+            per_row = spec.num_masks + 1
+            if cap >= 2 * per_row:  # room for the root's masks and at least one masked node
+                return min(max_nodes, cap // per_row - 1), True
+        if spec.method == "lade":
+            window = (spec.lade_level - 1) * spec.lade_window
+            if cap > window + 1:
+                return min(max_nodes, cap - 1 - window), True
+        return min(max_nodes, cap - 1), False
+
+    def _finish_block(self, seq: Sequence, block: "_Block", hidden: torch.Tensor, share: int | None = None) -> RequestOutput:
         """Verify, keep the accepted path's KV, update the proposer, commit."""
         draft, layout, base = block.draft, block.layout, block.base
         tree = draft.tree
@@ -332,6 +389,8 @@ class LLMEngine:
         step = StepStats(seq.spec.method, tree.num_nodes, verdict.num_accepted, 0, layout.num_rows)
         out = self._commit(seq, verdict.committed, tree_logits[rows] if seq.sampling.logprobs is not None else None, step)
         stats.num_decode_tokens += step.num_committed
+        if share is not None and self.load_tuner is not None and block.warm:
+            self.load_tuner.record(seq.spec.method, block.cap, step.num_committed)
         return out
 
     def _commit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None, step: StepStats | None) -> RequestOutput:
@@ -361,17 +420,8 @@ class LLMEngine:
         if sampling.logprobs is not None and logits is not None and kept:
             logprobs = token_logprobs(logits[: len(kept)], kept, sampling.logprobs)
         finished = seq.finish_reason is not None
-        if finished:
+        if finished:  # `step` gives the KV blocks back
             seq.status = SequenceStatus.FINISHED
             seq.stats.finish_time = time.monotonic()
-            seq.cache = None
         return RequestOutput(seq.req_id, kept, finished, seq.finish_reason, len(seq.prompt_ids),
                              len(seq.output_ids), logprobs, step, stop_token)
-
-    @staticmethod
-    def _max_block_rows(spec: SpecConfig) -> int:
-        if spec.method == "lade":
-            return spec.block_complexity + spec.lade_guess * (spec.lade_level - 1)
-        if spec.method == "pld":
-            return spec.block_complexity
-        return spec.block_complexity + spec.num_masks + 1

@@ -13,8 +13,9 @@ from .sampling import TokenChooser
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # no KV cache: new, or preempted
+    PREFILLING = "prefilling"  # KV cache allocated, prompt (or recomputed context) partly cached
+    RUNNING = "running"  # decoding
     FINISHED = "finished"
 
 
@@ -52,6 +53,12 @@ class Sequence:
     @property
     def context(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What the KV cache must hold before decoding: the prompt, or after a preemption
+        everything but the last committed token (the next step's root)."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from esp_engine.config import SpecConfig
 from esp_engine.engine import LLMEngine
+from esp_engine.scheduler import SchedulerConfig
 from esp_engine.errors import EngineError
 from esp_engine.loader import LoadedModel, load_model
 
@@ -59,6 +60,8 @@ class ServerSettings:
     max_model_len: int | None = None
     api_key: str | None = None
     served_model_name: str | None = None
+    # Batching and KV memory; speculation adapts to load unless told otherwise.
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True))
 
     def spec(self) -> SpecConfig:
         return SpecConfig.from_preset(self.method, self.preset)
@@ -89,7 +92,7 @@ def build_app(
                 if closing.is_set():
                     return
                 app.state.metrics.bind(settings.served_model_name or loaded.name)
-                engine = AsyncEngine(LLMEngine(loaded, default_spec), app.state.metrics)
+                engine = AsyncEngine(LLMEngine(loaded, default_spec, settings.scheduler), app.state.metrics)
                 engine.start()
                 app.state.engine = engine
                 log.info("model %s ready in %.1fs (speculation: %s %s)", loaded.name, time.perf_counter() - t0,

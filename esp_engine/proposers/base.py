@@ -49,8 +49,11 @@ class Proposer:
     def on_commit(self, token_ids: list[int]) -> None:
         """Tokens just committed to the sequence, in order."""
 
-    def propose(self, context: list[int], max_nodes: int) -> Draft:
-        """Draft continuations of `context` (prompt + output; its last token is the root)."""
+    def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
+        """Draft continuations of `context` (prompt + output; its last token is the root).
+
+        At most `max_nodes` tree nodes; with `extras` False, no rows beyond the tree (no ESP
+        masks, no lookahead window): the engine's way to shrink a step under load."""
         return Draft(DraftTree())
 
     def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:

@@ -122,10 +122,15 @@ class EspProposer(Proposer):
             return static_tree_candidates(self.mask_logprobs, root, self.spec.tree)
         return dynamic_tree_candidates(self.mask_logprobs, root, budget)
 
-    def propose(self, context: list[int], max_nodes: int) -> Draft:
+    def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         tree = DraftTree()
         budget = min(self.spec.esp_node_budget, max_nodes)
         insert_candidates(tree, self.esp_candidates(context[-1], budget), budget)
+        return self._draft(tree, extras)
+
+    def _draft(self, tree: DraftTree, extras: bool) -> Draft:
+        if not extras:  # no masks this step: the next one has no fresh guesses and drafts nothing
+            return Draft(tree)
         return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())
 
     def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:

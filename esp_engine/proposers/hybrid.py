@@ -20,7 +20,7 @@ class HybridProposer(EspProposer):
         super().__init__(model, spec, tuner)
         self.pld = PldProposer(model, spec)
 
-    def propose(self, context: list[int], max_nodes: int) -> Draft:
+    def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         budget = min(self.spec.esp_node_budget, max_nodes)
         chain_budget = max(0, budget - self.spec.hybrid_min_esp_nodes)
         tree = DraftTree()
@@ -28,4 +28,4 @@ class HybridProposer(EspProposer):
             for chain in self.pld.chains(context):
                 tree.add_chain(0, chain, budget=chain_budget)
         insert_candidates(tree, self.esp_candidates(context[-1], budget), budget)
-        return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())
+        return self._draft(tree, extras)

@@ -52,14 +52,18 @@ class LadeProposer(Proposer):
         rng = random.Random(len(prompt_ids) * 1_000_003 + sum(prompt_ids[-8:]))
         self.window = [[rng.choice(prompt_ids) for _ in range(self.cols)] for _ in range(self.rows)]
 
-    def propose(self, context: list[int], max_nodes: int) -> Draft:
+    def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         tree = DraftTree()
         for ngram in self.pool.lookup(context[-1], self.spec.lade_guess):
             tree.add_chain(0, list(ngram), budget=max_nodes)
+        if not extras:  # the window waits for a step with room; the pool still drafts
+            return Draft(tree)
         tokens = [t for row in self.window for t in row]
         return Draft(tree, lookahead_shape=(self.rows, self.cols), lookahead_tokens=tokens)
 
     def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
+        if not draft.lookahead_tokens:
+            return
         last = hidden[layout.lookahead_row(self.rows - 1)]
         guesses = self.model.logits(last).argmax(dim=-1).tolist()
         for c in range(self.cols):

@@ -48,7 +48,7 @@ class PldProposer(Proposer):
         return find_ngram_drafts(np.asarray(context, dtype=np.int64), s.pld_max_ngram, s.pld_min_ngram,
                                  s.pld_num_drafts, s.pld_num_candidates)
 
-    def propose(self, context: list[int], max_nodes: int) -> Draft:
+    def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         tree = DraftTree()
         for chain in self.chains(context):
             tree.add_chain(0, chain, budget=max_nodes)

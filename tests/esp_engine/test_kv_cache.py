@@ -1,18 +1,145 @@
-"""KV compaction keeps exactly the accepted path, in order, after the committed prefix."""
+"""The KV pool: blocks handed out as runs, grown in place or moved, always given back;
+compaction keeps exactly the accepted path, in order, after the committed prefix."""
 
+import pytest
 import torch
 
-from esp_engine.kv_cache import KVCache
+from esp_engine.kv_cache import BlockAllocator, KVCache, KVCacheFull, KVPool
 
 
-def _cache_with_slots(n: int) -> KVCache:
-    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, capacity=16, dtype=torch.float32)
+def _pool(num_blocks: int, block_size: int = 4) -> KVPool:
+    return KVPool(num_layers=2, num_kv_heads=1, head_dim=2, num_blocks=num_blocks, block_size=block_size,
+                  dtype=torch.float32)
+
+
+def _fill(cache: KVCache, n: int, offset: int = 0) -> KVCache:
     for slot in range(n):
-        cache.keys[:, :, slot] = slot
-        cache.values[:, :, slot] = -slot
+        cache.keys[:, :, slot] = slot + offset
+        cache.values[:, :, slot] = -(slot + offset)
     cache.length = n
     return cache
 
+
+def _cache_with_slots(n: int) -> KVCache:
+    return _fill(KVCache.standalone(num_layers=2, num_kv_heads=1, head_dim=2, capacity=16, dtype=torch.float32), n)
+
+
+# ---- allocator -----------------------------------------------------------------------------
+
+def test_allocator_hands_out_first_fit_runs_and_merges_freed_neighbours():
+    a = BlockAllocator(10)
+    assert [a.allocate(3), a.allocate(3), a.allocate(3)] == [0, 3, 6]
+    assert a.num_free == 1 and a.allocate(2) is None
+    a.free(3, 3)
+    assert a.allocate(4) is None  # 3 + 1 free, but not consecutive
+    a.free(0, 3)
+    assert a.largest_free_run == 6 and a.allocate(5) == 0
+    a.free(0, 5)
+    a.free(6, 3)
+    assert a.num_free == 10 and a.largest_free_run == 10
+
+
+def test_allocator_extends_in_place_only_into_free_blocks():
+    a = BlockAllocator(8)
+    first, second = a.allocate(2), a.allocate(2)
+    assert not a.extend(first, 2, 3)  # `second` sits right after it
+    assert a.extend(second, 2, 5) and a.num_free == 1
+    a.free(first, 2)
+    a.free(second, 5)
+    assert a.num_free == 8
+
+
+def test_allocator_rejects_double_free_and_out_of_range():
+    a = BlockAllocator(4)
+    start = a.allocate(2)
+    a.free(start, 2)
+    with pytest.raises(ValueError):
+        a.free(start, 2)
+    with pytest.raises(ValueError):
+        a.free(3, 2)
+
+
+def test_allocator_reserve_takes_an_exact_free_run():
+    a = BlockAllocator(6)
+    a.reserve(2, 2)
+    assert a.num_free == 4 and a.allocate(3) is None and a.allocate(2) == 0
+    with pytest.raises(ValueError):
+        a.reserve(3, 1)
+
+
+# ---- pool and caches -----------------------------------------------------------------------
+
+def test_pool_is_sized_from_a_memory_budget():
+    bytes_per_block = 2 * 2 * 1 * 2 * 4 * 4  # k+v, layers, heads, dim, slots, fp32
+    pool = KVPool.from_budget(10 * bytes_per_block + 5, 2, 1, 2, 4, torch.float32)
+    assert pool.num_blocks == 10 and pool.nbytes == 10 * bytes_per_block
+    with pytest.raises(ValueError):
+        KVPool.from_budget(bytes_per_block - 1, 2, 1, 2, 4, torch.float32)
+
+
+def test_caches_are_views_of_the_pool_and_release_their_blocks():
+    pool = _pool(6)
+    a, b = pool.allocate(5), pool.allocate(4)
+    assert (a.capacity, b.capacity) == (8, 4) and pool.usage() == pytest.approx(3 / 6)
+    _fill(b, 3, offset=100)
+    assert pool.keys[0, 0, 8:11, 0].tolist() == [100, 101, 102]  # b starts at block 2 = slot 8
+    a.release()
+    a.release()  # idempotent
+    b.release()
+    assert pool.usage() == 0.0
+    assert pool.allocate(25) is None  # more than the pool holds
+
+
+def test_cache_grows_in_place_when_the_next_blocks_are_free():
+    pool = _pool(8)
+    cache = _fill(pool.allocate(4, max_capacity=32), 3)
+    cache.ensure(9)
+    assert cache.start_block == 0 and cache.capacity >= 9
+    assert cache.keys[0, 0, :3, 0].tolist() == [0, 1, 2]
+
+
+def test_cache_moves_when_blocked_and_keeps_its_contents():
+    pool = _pool(8)
+    cache = _fill(pool.allocate(4, max_capacity=32), 4)
+    other = pool.allocate(4)  # right behind `cache`: no room in place
+    cache.ensure(12)
+    assert cache.start_block == 2 and cache.capacity == 12
+    assert cache.keys[1, 0, :4, 0].tolist() == [0, 1, 2, 3]
+    assert cache.values[0, 0, :4, 0].tolist() == [0, -1, -2, -3]
+    other.release()
+    cache.release()
+    assert pool.allocator.num_free == 8
+
+
+def test_a_lone_cache_can_always_move_to_the_front_of_its_pool():
+    pool = _pool(6)
+    front = pool.allocate(8)  # blocks 0-1
+    cache = _fill(pool.allocate(12, max_capacity=24), 10)  # blocks 2-4, last block free
+    front.release()
+    cache.ensure(24)  # 6 blocks: only the whole pool, overlapping its own run
+    assert cache.start_block == 0 and cache.capacity == 24
+    assert cache.keys[0, 0, :10, 0].tolist() == list(range(10))
+
+
+def test_cache_that_finds_no_room_raises_and_stays_intact():
+    pool = _pool(4)
+    cache = _fill(pool.allocate(4, max_capacity=64), 4)
+    other = pool.allocate(12)
+    with pytest.raises(KVCacheFull):
+        cache.ensure(8)
+    assert (cache.start_block, cache.capacity) == (0, 4) and cache.keys[0, 0, :4, 0].tolist() == [0, 1, 2, 3]
+    other.release()
+    cache.release()
+    assert pool.allocator.num_free == 4
+
+
+def test_cache_refuses_to_grow_past_its_limit():
+    cache = _cache_with_slots(4)
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.ensure(17)
+
+
+# ---- compaction ----------------------------------------------------------------------------
 
 def test_compact_moves_accepted_nodes_after_base():
     cache = _cache_with_slots(10)  # 4 committed, block rows in slots 4..9
@@ -33,21 +160,3 @@ def test_truncate_drops_mask_rows():
     cache = _cache_with_slots(6)
     cache.truncate(4)
     assert cache.length == 4
-
-
-def test_cache_grows_on_demand_and_keeps_its_contents():
-    cache = _cache_with_slots(10)
-    cache.max_capacity = 1000
-    cache.ensure(12)
-    assert cache.capacity == 16
-    cache.ensure(40)
-    assert cache.capacity >= 272 and cache.keys.shape[2] == cache.capacity
-    assert cache.keys[0, 0, :10, 0].tolist() == list(range(10))
-
-
-def test_cache_refuses_to_grow_past_its_limit():
-    import pytest
-
-    cache = _cache_with_slots(4)
-    with pytest.raises(RuntimeError, match="overflow"):
-        cache.ensure(17)

@@ -44,7 +44,7 @@ def _exact_marginals(loaded, params: SamplingParams) -> tuple[torch.Tensor, torc
     model, shape = loaded.model, loaded.model.shape
 
     def next_probs(ids: list[int]) -> torch.Tensor:
-        cache = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, 64, model.dtype)
+        cache = KVCache.standalone(shape.num_layers, shape.num_kv_heads, shape.head_dim, 64, model.dtype)
         hidden = model(cache, model.embed(torch.tensor(ids)), torch.arange(len(ids)), None)
         return process_logits(model.logits(hidden[-1:])[0], params).double()
 
