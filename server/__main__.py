@@ -12,10 +12,14 @@ import time
 import uvicorn
 
 from esp_engine.config import METHODS, PRESETS
-from esp_engine.errors import InvalidSpecConfigError
+from esp_engine.errors import InvalidRequestError, InvalidSpecConfigError
 from esp_engine.loader import LoadedModel
+from esp_engine.scheduler import SchedulerConfig
 
 from .app import ServerSettings, build_app
+from .logs import LOG_FORMATS, configure
+
+log = logging.getLogger("server.cli")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -34,16 +38,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's)")
+    b = p.add_argument_group("batching and KV cache")
+    b.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded at once (default 64)")
+    b.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="rows of one forward pass: decode blocks plus prefill chunks (default 1024)")
+    b.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV cache size in GiB (default: enough for max-num-seqs full-length requests, "
+                        "at most 4 GiB on CPU or 80%% of free GPU memory)")
+    b.add_argument("--block-size", type=int, default=16, help="KV slots per cache block (default 16)")
+    b.add_argument("--max-rows-per-step", type=int, default=None,
+                   help="cap on the decode rows of one pass; draft trees shrink to their share")
+    b.add_argument("--load-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="size draft trees each pass from measured step cost and acceptance (default on)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="'json': one JSON object per log line on stderr, uvicorn's lines included")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn_log_config = configure(args.log_level, args.log_format)
+
+    def complain(message: str) -> None:
+        if args.log_format == "json":  # keep stderr one JSON object per line; fatal, so shown at any level
+            log.critical(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        scheduler = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_bytes=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None,
+            block_size=args.block_size, max_rows_per_step=args.max_rows_per_step, load_adaptive=args.load_adaptive)
+    except InvalidRequestError as exc:
+        print(f"esp-serve: {exc}", file=sys.stderr)
+        return 2
     settings = ServerSettings(model=args.model, method=args.method, preset=args.preset, dtype=args.dtype,
                               device=args.device, max_model_len=args.max_model_len, api_key=args.api_key or None,
-                              served_model_name=args.served_model_name)
+                              served_model_name=args.served_model_name, scheduler=scheduler)
     failed = threading.Event()
     server: uvicorn.Server | None = None
 
@@ -58,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esp-serve: model {name!r} ready, listening on http://{host}:{port}", flush=True)
 
     def on_error(exc: BaseException) -> None:
-        print(f"esp-serve: cannot load model {args.model!r}: {exc}", file=sys.stderr, flush=True)
+        complain(f"esp-serve: cannot load model {args.model!r}: {exc}")
         failed.set()
         if server is not None:
             server.should_exit = True
@@ -66,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = build_app(settings, on_ready=on_ready, on_error=on_error)
     except InvalidSpecConfigError as exc:
-        print(f"esp-serve: {exc}", file=sys.stderr)
+        complain(f"esp-serve: {exc}")
         return 2
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    extra = {"log_config": uvicorn_log_config} if uvicorn_log_config else {}  # text: uvicorn's own format
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, **extra))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown

@@ -70,6 +70,9 @@ class _Add:
     streams: list[RequestStream]
     requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]]
     done: concurrent.futures.Future[None]
+    request_id: str | None = None  # the API response's id, for the logs
+    endpoint: str | None = None
+    arrival: float = field(default_factory=time.monotonic)  # when the event loop queued it
 
 
 @dataclass
@@ -84,11 +87,37 @@ class _Stop:
 
 @dataclass
 class _Live:
-    """Worker-side bookkeeping of one request (for routing outputs and latency metrics)."""
+    """Worker-side bookkeeping of one request (for routing outputs, latency metrics and its log record)."""
 
     stream: RequestStream
-    arrival: float = field(default_factory=time.monotonic)
+    arrival: float
+    request_id: str
+    endpoint: str | None
+    index: int  # which of the API request's engine requests (choices, prompts) this is
+    method: str
+    prompt_tokens: int
+    first_output: float | None = None
     last_output: float | None = None
+    completion_tokens: int = 0  # generated tokens, the stop token included (as in the usage)
+    decode_calls: int = 0
+    decode_tokens: int = 0
+
+    def finish_record(self, req_id: str, finish_reason: str, now: float) -> dict:
+        """The fields of the request's info-level log record (never the prompt or the output text)."""
+        return {
+            "event": "request_finished",
+            "request_id": self.request_id,
+            "engine_request_id": req_id,
+            "index": self.index,
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tau": round(self.decode_tokens / self.decode_calls, 4) if self.decode_calls else None,
+            "finish_reason": finish_reason,
+            "latency_s": round(now - self.arrival, 6),
+            "ttft_s": None if self.first_output is None else round(self.first_output - self.arrival, 6),
+        }
 
 
 class AsyncEngine:
@@ -110,15 +139,18 @@ class AsyncEngine:
         return self._thread.is_alive() and self._dead is None
 
     async def add_requests(
-        self, requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]]
+        self, requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]], *,
+        request_id: str | None = None, endpoint: str | None = None,
     ) -> list[RequestStream]:
-        """Queue requests all-or-nothing; raises the engine's validation error before any output."""
+        """Queue requests all-or-nothing; raises the engine's validation error before any output.
+
+        `request_id` and `endpoint` only label the requests' log records."""
         if not self.is_alive:
             raise EngineDeadError("the engine worker is not running")
         loop = asyncio.get_running_loop()
         streams = [RequestStream(uuid.uuid4().hex, self, loop) for _ in requests]
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(_Add(streams, requests, done))
+        self._commands.put(_Add(streams, requests, done, request_id, endpoint))
         try:
             await asyncio.wrap_future(done)
         except asyncio.CancelledError:
@@ -171,20 +203,27 @@ class AsyncEngine:
     def _publish_queue(self) -> None:
         if self.metrics:
             e = self._engine
-            self.metrics.set_queue(e.num_running, e.num_waiting, e.kv_cache_bytes())
+            self.metrics.set_queue(e.num_running, e.num_waiting, e.kv_cache_bytes(), e.kv_cache_usage())
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
             live = self._live.pop(command.req_id, None)
-            if live is not None and self._engine.abort_request(command.req_id) and self.metrics:
-                self.metrics.requests_aborted.labels(self.metrics.model_name, command.reason).inc()
+            if live is not None and self._engine.abort_request(command.req_id):
+                if self.metrics:
+                    self.metrics.requests_aborted.labels(self.metrics.model_name, command.reason).inc()
+                # A stop string is a normal finish ("stop") that ended the engine request early.
+                self._log_finish(command.req_id, live, "stop" if command.reason == "stop_string" else "abort")
             return
         added: list[str] = []
         try:
-            for stream, (prompt_ids, sampling, spec) in zip(command.streams, command.requests):
+            for i, (stream, (prompt_ids, sampling, spec)) in enumerate(zip(command.streams, command.requests)):
                 self._engine.add_request(prompt_ids, sampling, spec, stream.req_id)
                 added.append(stream.req_id)
-                self._live[stream.req_id] = _Live(stream)
+                method = (spec or self.default_spec).method
+                self._live[stream.req_id] = _Live(stream, command.arrival, command.request_id or stream.req_id,
+                                                  command.endpoint, i, method, len(prompt_ids))
+                log.debug("request %s queued: method=%s prompt_token_ids=%s sampling=%s",
+                          command.request_id or stream.req_id, method, prompt_ids, sampling)
         except Exception as exc:
             for rid in added:
                 self._live.pop(rid, None)
@@ -195,6 +234,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         suspects = self._suspects()
+        started = time.monotonic()
         try:
             outputs = self._engine.step()
         except Exception as exc:
@@ -206,7 +246,7 @@ class AsyncEngine:
         self._publish_queue()  # before delivery, so a client holding its last output sees current gauges
         now = time.monotonic()
         for out in outputs:
-            self._deliver(out, now)
+            self._deliver(out, started, now)
 
     def _suspects(self) -> list[str]:
         """Requests a failing step may have touched: the one being prefilled, else all decoding ones.
@@ -228,17 +268,33 @@ class AsyncEngine:
         if freed and self.metrics:
             self.metrics.requests_aborted.labels(self.metrics.model_name, reason).inc()
         if live is not None:
+            self._log_finish(req_id, live, "error")
             live.stream._put(exc)
 
-    def _deliver(self, out: RequestOutput, now: float) -> None:
+    def _log_finish(self, req_id: str, live: _Live, finish_reason: str, now: float | None = None) -> None:
+        if log.isEnabledFor(logging.INFO):
+            record = live.finish_record(req_id, finish_reason, time.monotonic() if now is None else now)
+            summary = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "request_id"))
+            log.info("request %s finished: %s", record["request_id"], summary, extra=record)
+
+    def _deliver(self, out: RequestOutput, started: float, now: float) -> None:
+        """`started`: when the engine step that produced `out` began."""
         live = self._live.get(out.req_id)
         if live is None:
             return
+        num_new = len(out.new_token_ids) + (out.stop_token_id is not None)
         if self.metrics:
-            self._observe(live, out, now)
+            self._observe(live, out, num_new, started, now)
+        if live.first_output is None:
+            live.first_output = now
         live.last_output = now
+        live.completion_tokens += num_new
+        if out.step is not None:
+            live.decode_calls += 1
+            live.decode_tokens += out.step.num_committed
         if out.finished:
             del self._live[out.req_id]
+            self._log_finish(out.req_id, live, out.finish_reason or "stop", now)
         if out.error is not None:  # the engine isolated a failure to this request
             if self.metrics:
                 self.metrics.requests_aborted.labels(self.metrics.model_name, "error").inc()
@@ -246,18 +302,18 @@ class AsyncEngine:
             return
         live.stream._put(out)
 
-    def _observe(self, live: _Live, out: RequestOutput, now: float) -> None:
+    def _observe(self, live: _Live, out: RequestOutput, num_new: int, started: float, now: float) -> None:
         m, name = self.metrics, self.metrics.model_name  # type: ignore[union-attr]
         assert m is not None
-        num_new = len(out.new_token_ids) + (out.stop_token_id is not None)
-        if live.last_output is None:
+        if live.last_output is None:  # its first output: the step that started at `started` prefilled it
             m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+            m.queue_time.labels(name).observe(max(0.0, started - live.arrival))
             m.ttft.labels(name).observe(now - live.arrival)
         elif num_new:
             per_token = (now - live.last_output) / num_new
             for _ in range(num_new):
                 m.inter_token.labels(name).observe(per_token)
-        m.generation_tokens.labels(name).inc(num_new)
+        m.observe_tokens(num_new)
         if out.step is not None:
             m.observe_step(out.step)
         if out.finished:

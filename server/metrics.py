@@ -6,6 +6,10 @@ Names follow vLLM where a vLLM metric means the same thing, so existing dashboar
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -17,6 +21,39 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 _ACCEPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 _ROWS_BUCKETS = (1, 2, 4, 8, 10, 16, 24, 30, 40, 60, 90, 120, 200)
+TOKEN_RATE_WINDOW_S = 10.0
+
+
+class RecentRate:
+    """Events per second over the last `window_s` seconds: the worker adds, a scrape reads.
+
+    Read at scrape time, so the rate falls back to 0 once nothing has happened for a window,
+    even while the worker sleeps waiting for requests."""
+
+    def __init__(self, window_s: float = TOKEN_RATE_WINDOW_S, clock=time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._events: deque[tuple[float, int]] = deque()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._events.append((now, n))
+            self._total += n
+            self._expire(now)
+
+    def rate(self) -> float:
+        with self._lock:
+            self._expire(self._clock())
+            return self._total / self.window_s
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            self._total -= self._events.popleft()[1]
 
 
 class Metrics:
@@ -35,8 +72,17 @@ class Metrics:
         self.running = Gauge("vllm:num_requests_running", "Sequences being decoded.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting for prefill.", m, registry=r)
         self.kv_cache_bytes = Gauge("esp:kv_cache_bytes", "Bytes held by all KV caches.", m, registry=r)
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV-cache pool in use (1 = full).",
+                                    m, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
+        self.tokens_per_second = Gauge("esp:generation_tokens_per_second",
+                                       f"Generated tokens per second over the last {TOKEN_RATE_WINDOW_S:g} s.",
+                                       m, registry=r)
+        self.token_rate = RecentRate()
+        self.queue_time = Histogram("vllm:request_queue_time_seconds",
+                                    "Arrival to the start of the engine step that prefilled the request.", m,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", m,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("vllm:inter_token_latency_seconds", "Time per output token after the first.",
@@ -58,12 +104,16 @@ class Metrics:
                                      m + ["method"], registry=r)
         self.tokens_committed = Counter("esp:tokens_committed", "Tokens committed by decode passes.",
                                         m + ["method"], registry=r)
+        self.forward_calls_saved = Counter("esp:forward_calls_saved",
+                                           "Decode forward passes saved against plain decoding (tokens committed "
+                                           "by a pass - 1).", m + ["method"], registry=r)
         self.block_rows = Histogram("esp:block_rows", "Rows of each decode block (the block complexity used).",
                                     m + ["method"], buckets=_ROWS_BUCKETS, registry=r)
 
     def bind(self, model_name: str) -> None:
         self.model_name = model_name
-        self.set_queue(0, 0, 0)  # a scrape before the first request sees zeros, not missing series
+        self.set_queue(0, 0, 0, 0.0)  # a scrape before the first request sees zeros, not missing series
+        self.tokens_per_second.labels(model_name).set_function(self.token_rate.rate)
         for reason in ("client", "stop_string", "error"):
             self.requests_aborted.labels(model_name, reason)
 
@@ -74,6 +124,7 @@ class Metrics:
         name, method = self.model_name, step.method
         self.forward_calls.labels(name, method).inc()
         self.tokens_committed.labels(name, method).inc(step.num_committed)
+        self.forward_calls_saved.labels(name, method).inc(max(0, step.num_committed - 1))
         self.acceptance_length.labels(name, method).observe(step.num_committed)
         self.block_rows.labels(name, method).observe(step.block_rows)
         if step.num_draft_tokens:
@@ -84,7 +135,13 @@ class Metrics:
             for pos in range(step.num_accepted_tokens):
                 self.accepted_per_pos.labels(name, str(pos)).inc()
 
-    def set_queue(self, running: int, waiting: int, kv_bytes: int) -> None:
+    def observe_tokens(self, num_new: int) -> None:
+        """Tokens generated (first token and stop token included), for the counter and the recent rate."""
+        self.generation_tokens.labels(self.model_name).inc(num_new)
+        self.token_rate.add(num_new)
+
+    def set_queue(self, running: int, waiting: int, kv_bytes: int, kv_usage: float) -> None:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
         self.kv_cache_bytes.labels(self.model_name).set(kv_bytes)
+        self.kv_cache_usage.labels(self.model_name).set(min(1.0, max(0.0, kv_usage)))

@@ -128,7 +128,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_
 
 
 async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-                 default_cap: int | None, logprobs: int | None, prompt_param: str) -> list[ChoiceRun]:
+                 default_cap: int | None, logprobs: int | None, prompt_param: str, meta: dict,
+                 endpoint: str) -> list[ChoiceRun]:
     try:
         spec = resolve_spec(req.spec_method, req.spec_preset, ctx.engine.default_spec)
         requests = []
@@ -137,7 +138,7 @@ async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], m
                 raise InvalidRequestError("the prompt is empty: give at least one token")
             max_new = resolve_max_tokens(max_tokens, len(ids), ctx.max_model_len, default_cap)
             requests += [(ids, sampling_params(req, max_new, logprobs, j), spec) for j in range(req.n)]
-        streams = await ctx.engine.add_requests(requests)
+        streams = await ctx.engine.add_requests(requests, request_id=meta["id"], endpoint=endpoint)
     except (EngineError, EngineDeadError) as exc:
         raise from_exception(exc, prompt_param) from exc
     return [ChoiceRun(i, s, ctx.tokenizer, ids, req.stop_list, ctx.count_finish)
@@ -151,8 +152,9 @@ async def create_completion(ctx: Context, req: CompletionRequest, request: Reque
     check_model(ctx, req.model)
     tok = ctx.tokenizer
     prompts = [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts()]
-    runs = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs, "prompt")
     meta = dict(id=random_id("cmpl"), created=int(time.time()), model=ctx.served_model_name)
+    runs = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs, "prompt",
+                        meta, "completions")
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [tok.decode(r.prompt_ids) if req.echo else "" for r in runs]
 
@@ -208,8 +210,8 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
     tok = ctx.tokenizer
     ids = chat_prompt_ids(tok, req.messages, req.add_generation_prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    runs = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages")
     meta = dict(id=random_id("chatcmpl"), created=int(time.time()), model=ctx.served_model_name)
+    runs = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions")
 
     def lp(delta: ChoiceDelta) -> ChatLogprobs | None:
         return chat_logprobs(tok, delta.tokens) if req.logprobs else None

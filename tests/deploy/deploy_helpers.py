@@ -89,7 +89,7 @@ def populated_metrics():
         ("pld", 20, 5, 6, 21), ("ar", 0, 0, 1, 1),
     ]:
         m.observe_step(StepStats(method, drafted, accepted, committed, rows))
-    m.set_queue(3, 2, 123456)
+    m.set_queue(3, 2, 123456, 0.25)
     m.requests_received.labels(MODEL, "chat_completions").inc(4)
     m.requests_received.labels(MODEL, "completions").inc(1)
     m.request_success.labels(MODEL, "stop").inc(3)
@@ -100,6 +100,7 @@ def populated_metrics():
     m.prompt_tokens.labels(MODEL).inc(120)
     m.generation_tokens.labels(MODEL).inc(64)
     for seconds in (0.05, 0.3, 1.2):
+        m.queue_time.labels(MODEL).observe(seconds / 2)
         m.ttft.labels(MODEL).observe(seconds)
         m.e2e.labels(MODEL).observe(seconds * 10)
     for seconds in (0.01, 0.02, 0.03):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,8 @@ from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import RequestOutput
 from esp_engine.errors import InvalidRequestError
 from server.async_engine import AsyncEngine, EngineDeadError
-from server.metrics import Metrics
+from server.logs import JsonFormatter
+from server.metrics import Metrics, RecentRate
 
 POISON = 666  # a prompt token that makes the fake engine's prefill raise
 
@@ -50,6 +53,9 @@ class FakeEngine:
 
     def kv_cache_bytes(self):
         return 0
+
+    def kv_cache_usage(self):
+        return min(1.0, len(self.seqs) / 8)
 
     def step(self):
         waiting = [rid for rid, s in self.seqs.items() if not s["running"]]
@@ -166,3 +172,60 @@ def test_shutdown_fails_live_requests(engine) -> None:
             await eng.add_requests([([1], SamplingParams(), None)])
 
     run(main())
+
+
+def test_queue_time_rate_and_kv_usage(engine) -> None:
+    eng, _, metrics = engine
+
+    async def main():
+        streams = await eng.add_requests([([1], SamplingParams(max_new_tokens=4), None) for _ in range(3)])
+        await asyncio.gather(*(collect(s) for s in streams))
+
+    run(main())
+    value = lambda name: metrics.registry.get_sample_value(name, {"model_name": "fake"})  # noqa: E731
+    assert value("vllm:request_queue_time_seconds_count") == 3  # one per request
+    assert value("vllm:request_queue_time_seconds_sum") >= 0
+    assert value("esp:generation_tokens_per_second") == 12 / metrics.token_rate.window_s
+    assert value("vllm:kv_cache_usage_perc") == 0.0  # all finished: the fake holds nothing
+
+
+def test_recent_rate_window() -> None:
+    now = [100.0]
+    rate = RecentRate(window_s=10.0, clock=lambda: now[0])
+    assert rate.rate() == 0.0
+    rate.add(30)
+    now[0] += 5
+    rate.add(20)
+    assert rate.rate() == 5.0
+    now[0] += 5  # the first 30 leave the window
+    assert rate.rate() == 2.0
+    now[0] += 20
+    assert rate.rate() == 0.0  # idle: back to zero
+
+
+def test_finish_is_logged_as_one_json_record(engine) -> None:
+    eng, _, _ = engine
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(JsonFormatter().format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("server.async_engine")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        async def main():
+            (s,) = await eng.add_requests([([7, 8, 9], SamplingParams(max_new_tokens=3), None)],
+                                          request_id="cmpl-abc", endpoint="completions")
+            await collect(s)
+
+        run(main())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    (line,) = records
+    rec = json.loads(line)
+    assert rec["level"] == "info" and rec["event"] == "request_finished" and rec["request_id"] == "cmpl-abc"
+    assert rec["endpoint"] == "completions" and rec["method"] == "ar" and rec["finish_reason"] == "length"
+    assert rec["prompt_tokens"] == 3 and rec["completion_tokens"] == 3
+    assert rec["tau"] is None  # the fake reports no decode passes
+    assert 0 <= rec["ttft_s"] <= rec["latency_s"]
