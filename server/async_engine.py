@@ -22,6 +22,7 @@ import torch
 
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine, RequestOutput
+from esp_engine.sequence import SequenceStatus
 
 from .metrics import Metrics
 
@@ -96,6 +97,7 @@ class _Live:
     index: int  # which of the API request's engine requests (choices, prompts) this is
     method: str
     prompt_tokens: int
+    scheduled: float | None = None  # start of the first engine step that worked on it
     first_output: float | None = None
     last_output: float | None = None
     completion_tokens: int = 0  # generated tokens, the stop token included (as in the usage)
@@ -115,8 +117,9 @@ class _Live:
             "completion_tokens": self.completion_tokens,
             "tau": round(self.decode_tokens / self.decode_calls, 4) if self.decode_calls else None,
             "finish_reason": finish_reason,
-            "latency_s": round(now - self.arrival, 6),
+            "queue_s": None if self.scheduled is None else round(self.scheduled - self.arrival, 6),
             "ttft_s": None if self.first_output is None else round(self.first_output - self.arrival, 6),
+            "latency_s": round(now - self.arrival, 6),
         }
 
 
@@ -128,6 +131,7 @@ class AsyncEngine:
         self.metrics = metrics
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # touched by the worker thread only
+        self._unscheduled: dict[str, _Live] = {}  # live requests no engine step has worked on yet
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="esp-engine-worker", daemon=True)
 
@@ -208,6 +212,7 @@ class AsyncEngine:
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
             live = self._live.pop(command.req_id, None)
+            self._unscheduled.pop(command.req_id, None)
             if live is not None and self._engine.abort_request(command.req_id):
                 if self.metrics:
                     self.metrics.requests_aborted.labels(self.metrics.model_name, command.reason).inc()
@@ -220,13 +225,15 @@ class AsyncEngine:
                 self._engine.add_request(prompt_ids, sampling, spec, stream.req_id)
                 added.append(stream.req_id)
                 method = (spec or self.default_spec).method
-                self._live[stream.req_id] = _Live(stream, command.arrival, command.request_id or stream.req_id,
-                                                  command.endpoint, i, method, len(prompt_ids))
+                live = _Live(stream, command.arrival, command.request_id or stream.req_id, command.endpoint, i,
+                             method, len(prompt_ids))
+                self._live[stream.req_id] = self._unscheduled[stream.req_id] = live
                 log.debug("request %s queued: method=%s prompt_token_ids=%s sampling=%s",
                           command.request_id or stream.req_id, method, prompt_ids, sampling)
         except Exception as exc:
             for rid in added:
                 self._live.pop(rid, None)
+                self._unscheduled.pop(rid, None)
                 self._engine.abort_request(rid)
             command.done.set_exception(exc)
         else:
@@ -244,9 +251,21 @@ class AsyncEngine:
             self._publish_queue()
             return
         self._publish_queue()  # before delivery, so a client holding its last output sees current gauges
+        self._note_scheduled(started)
         now = time.monotonic()
         for out in outputs:
-            self._deliver(out, started, now)
+            self._deliver(out, now)
+
+    def _note_scheduled(self, started: float) -> None:
+        """Requests that left the waiting queue in the step that began at `started`: their queue
+        time ends there (a request preempted back to waiting later is not counted again)."""
+        sequences = self._engine.sequences
+        for rid in [rid for rid in self._unscheduled
+                    if getattr(sequences.get(rid), "status", None) is not SequenceStatus.WAITING]:
+            live = self._unscheduled.pop(rid)
+            live.scheduled = started
+            if self.metrics:
+                self.metrics.queue_time.labels(self.metrics.model_name).observe(max(0.0, started - live.arrival))
 
     def _suspects(self) -> list[str]:
         """Requests a failing step may have touched: the one being prefilled, else all decoding ones.
@@ -260,6 +279,7 @@ class AsyncEngine:
 
     def _fail(self, req_id: str, exc: BaseException, reason: str) -> None:
         live = self._live.pop(req_id, None)
+        self._unscheduled.pop(req_id, None)
         try:
             freed = self._engine.abort_request(req_id)
         except Exception:
@@ -277,14 +297,13 @@ class AsyncEngine:
             summary = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "request_id"))
             log.info("request %s finished: %s", record["request_id"], summary, extra=record)
 
-    def _deliver(self, out: RequestOutput, started: float, now: float) -> None:
-        """`started`: when the engine step that produced `out` began."""
+    def _deliver(self, out: RequestOutput, now: float) -> None:
         live = self._live.get(out.req_id)
         if live is None:
             return
         num_new = len(out.new_token_ids) + (out.stop_token_id is not None)
         if self.metrics:
-            self._observe(live, out, num_new, started, now)
+            self._observe(live, out, num_new, now)
         if live.first_output is None:
             live.first_output = now
         live.last_output = now
@@ -302,12 +321,11 @@ class AsyncEngine:
             return
         live.stream._put(out)
 
-    def _observe(self, live: _Live, out: RequestOutput, num_new: int, started: float, now: float) -> None:
+    def _observe(self, live: _Live, out: RequestOutput, num_new: int, now: float) -> None:
         m, name = self.metrics, self.metrics.model_name  # type: ignore[union-attr]
         assert m is not None
-        if live.last_output is None:  # its first output: the step that started at `started` prefilled it
+        if live.last_output is None:
             m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
-            m.queue_time.labels(name).observe(max(0.0, started - live.arrival))
             m.ttft.labels(name).observe(now - live.arrival)
         elif num_new:
             per_token = (now - live.last_output) / num_new

@@ -81,8 +81,8 @@ class Metrics:
                                        m, registry=r)
         self.token_rate = RecentRate()
         self.queue_time = Histogram("vllm:request_queue_time_seconds",
-                                    "Arrival to the start of the engine step that prefilled the request.", m,
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+                                    "Arrival to the start of the first engine step that scheduled the request "
+                                    "(its first prefill chunk).", m, buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", m,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("vllm:inter_token_latency_seconds", "Time per output token after the first.",

@@ -12,6 +12,7 @@ import pytest
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import RequestOutput
 from esp_engine.errors import InvalidRequestError
+from esp_engine.sequence import SequenceStatus
 from server.async_engine import AsyncEngine, EngineDeadError
 from server.logs import JsonFormatter
 from server.metrics import Metrics, RecentRate
@@ -53,6 +54,11 @@ class FakeEngine:
 
     def kv_cache_bytes(self):
         return 0
+
+    @property
+    def sequences(self):
+        status = {True: SequenceStatus.RUNNING, False: SequenceStatus.WAITING}
+        return {rid: SimpleNamespace(status=status[s["running"]]) for rid, s in self.seqs.items()}
 
     def kv_cache_usage(self):
         return min(1.0, len(self.seqs) / 8)
@@ -228,4 +234,4 @@ def test_finish_is_logged_as_one_json_record(engine) -> None:
     assert rec["endpoint"] == "completions" and rec["method"] == "ar" and rec["finish_reason"] == "length"
     assert rec["prompt_tokens"] == 3 and rec["completion_tokens"] == 3
     assert rec["tau"] is None  # the fake reports no decode passes
-    assert 0 <= rec["ttft_s"] <= rec["latency_s"]
+    assert 0 <= rec["queue_s"] <= rec["ttft_s"] <= rec["latency_s"]
