@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -34,17 +35,22 @@ def lines_of(stream) -> queue.Queue:
     return q
 
 
+def ready_url(proc: subprocess.Popen) -> str:
+    """The URL of the ready line the server prints on stdout once its model is loaded."""
+    out = lines_of(proc.stdout)
+    while True:
+        line = out.get(timeout=300)
+        assert line is not None, f"server exited early: {proc.stderr.read()}"
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            return match.group(1)
+
+
 def test_cli_serves_and_prints_url() -> None:
     proc = start("--port", "0", "--max-model-len", "256", "--method", "pld", "--preset", "bc10",
                  "--served-model-name", "cli-smol", "--log-level", "warning", env={"ESP_SERVE_API_KEY": "k1"})
     try:
-        out = lines_of(proc.stdout)
-        url = None
-        while url is None:
-            line = out.get(timeout=300)
-            assert line is not None, f"server exited early: {proc.stderr.read()}"
-            match = re.search(r"listening on (http://\S+)", line)
-            url = match.group(1) if match else None
+        url = ready_url(proc)
         assert httpx.get(url + "/health", timeout=30).status_code == 200
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
         r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}, timeout=30)
@@ -69,3 +75,34 @@ def test_cli_exits_when_the_model_cannot_load(tmp_path) -> None:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "cannot load model" in err and "listening on" not in out
+
+
+def test_cli_json_logs() -> None:
+    """--log-format json: every stderr line is a JSON object (uvicorn's included), a finished request
+    gets one record with its numbers, and no prompt text is logged at info level."""
+    secret = "Zanzibar quokka telemetry"
+    proc = start("--port", "0", "--max-model-len", "256", "--method", "pld", "--log-format", "json")
+    try:
+        url = ready_url(proc)
+        r = httpx.post(url + "/v1/completions", timeout=120,
+                       json={"prompt": secret, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200
+        response_id = r.json()["id"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    lines = [ln for ln in proc.stderr.read().splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]  # fails on any non-JSON line
+    assert all({"time", "level", "logger", "message"} <= set(rec) for rec in records)
+    loggers = {rec["logger"] for rec in records}
+    assert {"uvicorn.error", "uvicorn.access", "server.async_engine"} <= loggers, loggers
+    (done,) = [rec for rec in records if rec.get("event") == "request_finished"]
+    assert done["level"] == "info" and done["request_id"] == response_id
+    assert done["endpoint"] == "completions" and done["method"] == "pld"
+    assert done["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert done["completion_tokens"] == 6 and done["finish_reason"] == "length"
+    assert done["tau"] >= 1.0
+    assert 0 < done["ttft_s"] <= done["latency_s"]
+    access = [rec for rec in records if rec["logger"] == "uvicorn.access"]
+    assert any(rec["path"] == "/v1/completions" and rec["status_code"] == 200 for rec in access)
+    assert "Zanzibar" not in "\n".join(lines)
