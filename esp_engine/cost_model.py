@@ -155,6 +155,7 @@ class LoadTuner:
     decay: float = 0.99  # per recorded pass: about the last 100 passes of a (method, share) count
     prior_weight: float = 1.0
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
+    _rows: dict[tuple[str, int], float] = field(default_factory=dict)
     _weight: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @staticmethod
@@ -162,11 +163,20 @@ class LoadTuner:
         return 1.0 + 0.5 * (share - 1) ** 0.5
 
     def expected(self, method: str, share: int) -> float:
+        """Tokens a pass commits for a sequence of `method` allowed `share` rows."""
         if method == "ar" or share <= 1:
             return 1.0
         key = (method, share)
         w = self._weight.get(key, 0.0)
         return (self._tokens.get(key, 0.0) + self.prior(share) * self.prior_weight) / (w + self.prior_weight)
+
+    def expected_rows(self, method: str, share: int) -> float:
+        """Rows it really uses: n-gram methods often draft less than their share, or nothing."""
+        if method == "ar" or share <= 1:
+            return 1.0
+        key = (method, share)
+        w = self._weight.get(key, 0.0)
+        return (self._rows.get(key, 0.0) + share * self.prior_weight) / (w + self.prior_weight)
 
     def choose(self, methods: list[str], caps: list[int], extra_rows: int = 0) -> int:
         """The share for this pass; `caps` are each sequence's own largest block, `extra_rows`
@@ -174,16 +184,17 @@ class LoadTuner:
         top = max(caps, default=1)
         best_share, best_rate = 1, 0.0
         for share in [s for s in SHARES if s < top] + [top]:
-            rows = sum(min(share, cap) for cap in caps) + extra_rows
+            rows = sum(self.expected_rows(m, min(share, cap)) for m, cap in zip(methods, caps)) + extra_rows
             tokens = sum(self.expected(m, min(share, cap)) for m, cap in zip(methods, caps))
-            rate = tokens / self.costs.batch_cost(rows, len(caps) + (extra_rows > 0))
+            rate = tokens / self.costs.batch_cost(round(rows), len(caps) + (extra_rows > 0))
             if rate > best_rate * (1 + 1e-9):
                 best_share, best_rate = share, rate
         return best_share
 
-    def record(self, method: str, share: int, tokens: int) -> None:
+    def record(self, method: str, share: int, tokens: int, rows: int | None = None) -> None:
         if method == "ar" or share <= 1:
             return
         key = (method, share)
         self._tokens[key] = self._tokens.get(key, 0.0) * self.decay + tokens
+        self._rows[key] = self._rows.get(key, 0.0) * self.decay + (share if rows is None else rows)
         self._weight[key] = self._weight.get(key, 0.0) * self.decay + 1.0

@@ -81,6 +81,22 @@ class GenerationResult:
 
 
 @dataclass(slots=True)
+class _Piece:
+    """One sequence's part of a pass (a decode block or a prefill chunk) as it is finished."""
+
+    seq: Sequence
+    work: "_Block | PrefillChunk"
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    result: object = None  # what the last stage produced for the next one
+    choice_logits: torch.Tensor | None = None
+    verdict: Verdict | None = None
+    token: int | None = None
+
+
+@dataclass(slots=True)
 class _Block:
     """One sequence's share of a decode pass, between building and verification."""
 
@@ -266,44 +282,96 @@ class LLMEngine:
     @torch.inference_mode()
     def _run(self, plan: ScheduledStep) -> list[RequestOutput]:
         """Build every piece of the pass, run it once, then verify or finish each piece.
+
+        The LM head (a sixth of SmolLM2's weights) is read twice per step whatever the batch:
+        once for every row that chooses a token, once for every row a proposer reads back.
         A request whose own work fails ends alone; a failing forward pass ends them all."""
         outputs: list[RequestOutput] = []
-        pieces: list[tuple[Sequence, object, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        pieces: list[_Piece] = []
         for seq, cap in plan.decode:
             try:
                 block = self._build_block(seq, cap)
-                pieces.append((seq, block, block.embeds, block.positions,
-                               block.layout.attn if block.layout.num_rows > 1 else None))
+                pieces.append(_Piece(seq, block, block.embeds, block.positions,
+                                     block.layout.attn if block.layout.num_rows > 1 else None))
             except Exception as exc:
                 outputs.append(self._fail(seq, exc))
         for chunk in plan.prefill:
             try:
                 embeds, positions = self._build_prefill(chunk)
-                pieces.append((chunk.seq, chunk, embeds, positions, None))
+                pieces.append(_Piece(chunk.seq, chunk, embeds, positions, None))
             except Exception as exc:
                 outputs.append(self._fail(chunk.seq, exc))
         if not pieces:
             return outputs
-        rows = [p[2].shape[0] for p in pieces]
+        rows = [p.embeds.shape[0] for p in pieces]
         try:
-            hidden = self.model.forward_batch([p[0].cache for p in pieces], torch.cat([p[2] for p in pieces]),
-                                              torch.cat([p[3] for p in pieces]), [p[4] for p in pieces], rows)
+            hidden = self.model.forward_batch([p.seq.cache for p in pieces], torch.cat([p.embeds for p in pieces]),
+                                              torch.cat([p.positions for p in pieces]), [p.mask for p in pieces], rows)
         except Exception as exc:
-            return outputs + [self._fail(p[0], exc) for p in pieces]
-        row = 0
-        for (seq, work, *_), n in zip(pieces, rows):
-            part = hidden[row : row + n]
-            row += n
-            try:
-                if isinstance(work, PrefillChunk):
-                    out = self._finish_prefill(work, part)
-                else:
-                    out = self._finish_block(seq, work, part, plan.share)
-            except Exception as exc:
-                out = self._fail(seq, exc)
-            if out is not None:
-                outputs.append(out)
+            return outputs + [self._fail(p.seq, exc) for p in pieces]
+        for piece, part in zip(pieces, hidden.split(rows)):
+            piece.hidden = part
+        live = self._each(pieces, outputs, lambda p: p.hidden[self._choosing_rows(p)])
+        for piece, logits in zip(live, self._batched_logits([p.result for p in live])):
+            piece.result = logits
+        live = self._each(live, outputs, self._verify)
+        for piece, logits in zip(live, self._batched_logits([p.result for p in live])):
+            piece.result = logits
+        for piece in self._each(live, outputs, lambda p: self._complete(p, plan.share)):
+            if piece.result is not None:
+                outputs.append(piece.result)
         return outputs
+
+    def _each(self, pieces: list["_Piece"], outputs: list[RequestOutput], run) -> list["_Piece"]:
+        """`piece.result = run(piece)` for each piece; those that raise end (into `outputs`)."""
+        kept = []
+        for piece in pieces:
+            try:
+                piece.result = run(piece)
+                kept.append(piece)
+            except Exception as exc:
+                outputs.append(self._fail(piece.seq, exc))
+        return kept
+
+    def _batched_logits(self, groups: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        sizes = [0 if g is None else g.shape[0] for g in groups]
+        if not sum(sizes):
+            return [None] * len(groups)
+        logits = self.model.logits(torch.cat([g for g in groups if g is not None and g.shape[0]]))
+        parts = iter(logits.split([n for n in sizes if n]))
+        return [next(parts) if n else None for n in sizes]
+
+    @staticmethod
+    def _choosing_rows(piece: "_Piece") -> slice:
+        """Rows whose logits choose tokens: a block's tree rows, a finished prompt's last row."""
+        work = piece.work
+        if isinstance(work, _Block):
+            return slice(0, work.layout.num_tree_rows)
+        if work.is_last and not piece.seq.output_ids:
+            n = work.end - work.start
+            return slice(n - 1, n)
+        return slice(0, 0)
+
+    def _verify(self, piece: "_Piece") -> torch.Tensor | None:
+        """Choose tokens from the first logits; return the rows the proposer reads back."""
+        seq, work, logits = piece.seq, piece.work, piece.result
+        piece.choice_logits = logits
+        if isinstance(work, _Block):
+            piece.verdict = verify(work.draft.tree, logits, seq.chooser)
+            seq.cache.compact(work.base, [work.base] + [work.base + r for r in piece.verdict.accepted_rows])
+            rows = seq.proposer.readout_rows(work.draft, work.layout, piece.verdict)
+            return None if rows is None else piece.hidden[rows]
+        if logits is None:
+            return None  # a prefill chunk that chooses nothing
+        n = work.end - work.start
+        seq.cache.truncate(work.end)  # drop the masks' KV
+        piece.token = seq.chooser.choose(logits[0])
+        return piece.hidden[n:]  # the prefill masks (ESP), if any
+
+    def _complete(self, piece: "_Piece", share: int | None) -> RequestOutput | None:
+        if isinstance(piece.work, _Block):
+            return self._finish_block(piece, share)
+        return self._finish_prefill(piece)
 
     def _build_prefill(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
         seq, model = chunk.seq, self.model
@@ -318,20 +386,16 @@ class LLMEngine:
         positions = torch.arange(chunk.start, chunk.end + k, device=model.device).clamp_(max=model.shape.max_position - 1)
         return embeds, positions
 
-    def _finish_prefill(self, chunk: PrefillChunk, hidden: torch.Tensor) -> RequestOutput | None:
-        seq = chunk.seq
+    def _finish_prefill(self, piece: "_Piece") -> RequestOutput | None:
+        seq, chunk = piece.seq, piece.work
         if not chunk.is_last:
             return None
         seq.status = SequenceStatus.RUNNING
         if seq.output_ids:  # recomputed after a preemption: the next step decodes from here
             return None
-        n = chunk.end - chunk.start
-        seq.cache.truncate(chunk.end)  # drop the masks' KV
-        last = self.model.logits(hidden[n - 1 : n])
-        token = seq.chooser.choose(last[0])
-        seq.proposer.on_prefill(hidden[n:] if hidden.shape[0] > n else None)
+        seq.proposer.on_prefill(piece.result)
         seq.stats.first_token_time = time.monotonic()
-        return self._commit(seq, [token], last, step=None)
+        return self._commit(seq, [piece.token], piece.choice_logits, step=None)
 
     def _build_block(self, seq: Sequence, cap: int) -> "_Block":
         model = self.model
@@ -368,14 +432,12 @@ class LLMEngine:
                 return min(max_nodes, cap - 1 - window), True
         return min(max_nodes, cap - 1), False
 
-    def _finish_block(self, seq: Sequence, block: "_Block", hidden: torch.Tensor, share: int | None = None) -> RequestOutput:
-        """Verify, keep the accepted path's KV, update the proposer, commit."""
-        draft, layout, base = block.draft, block.layout, block.base
+    def _finish_block(self, piece: "_Piece", share: int | None) -> RequestOutput:
+        """The proposer learns from the pass; the accepted tokens are committed."""
+        seq, block, verdict, tree_logits = piece.seq, piece.work, piece.verdict, piece.choice_logits
+        draft, layout = block.draft, block.layout
         tree = draft.tree
-        tree_logits = self.model.logits(hidden[: layout.num_tree_rows])
-        verdict = verify(tree, tree_logits, seq.chooser)
-        seq.cache.compact(base, [base] + [base + r for r in verdict.accepted_rows])
-        seq.proposer.observe(draft, layout, hidden, verdict)
+        seq.proposer.observe(draft, layout, piece.result, verdict)
         stats = seq.stats
         stats.num_decode_calls += 1
         stats.num_draft_tokens += tree.num_nodes
@@ -390,7 +452,7 @@ class LLMEngine:
         out = self._commit(seq, verdict.committed, tree_logits[rows] if seq.sampling.logprobs is not None else None, step)
         stats.num_decode_tokens += step.num_committed
         if share is not None and self.load_tuner is not None and block.warm:
-            self.load_tuner.record(seq.spec.method, block.cap, step.num_committed)
+            self.load_tuner.record(seq.spec.method, block.cap, step.num_committed, layout.num_rows)
         return out
 
     def _commit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None, step: StepStats | None) -> RequestOutput:

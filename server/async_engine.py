@@ -268,14 +268,10 @@ class AsyncEngine:
                 self.metrics.queue_time.labels(self.metrics.model_name).observe(max(0.0, started - live.arrival))
 
     def _suspects(self) -> list[str]:
-        """Requests a failing step may have touched: the one being prefilled, else all decoding ones.
-
-        The engine prefills the oldest waiting request, and a request is waiting until its
-        first output, so our own insertion-ordered bookkeeping tells which one that is."""
-        if self._engine.num_waiting:
-            fresh = [rid for rid, live in self._live.items() if live.last_output is None]
-            return fresh[:1]
-        return [rid for rid, live in self._live.items() if live.last_output is not None]
+        """Requests a failing step may have touched: all of them. The engine isolates a request's
+        own failures itself (an output with `error`); what escapes `step` comes from the batch as a
+        whole (scheduling, the shared pass), and any live request may have been part of it."""
+        return list(self._live)
 
     def _fail(self, req_id: str, exc: BaseException, reason: str) -> None:
         live = self._live.pop(req_id, None)

@@ -43,8 +43,8 @@ class Proposer:
     def mask_embedding(self) -> torch.Tensor | None:
         return None
 
-    def on_prefill(self, mask_hidden: torch.Tensor | None) -> None:
-        """Hidden states of the prefill mask rows ([k, hidden]), if any."""
+    def on_prefill(self, mask_logits: torch.Tensor | None) -> None:
+        """Logits of the prefill mask rows ([k, vocab]), if any."""
 
     def on_commit(self, token_ids: list[int]) -> None:
         """Tokens just committed to the sequence, in order."""
@@ -56,5 +56,10 @@ class Proposer:
         masks, no lookahead window): the engine's way to shrink a step under load."""
         return Draft(DraftTree())
 
-    def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
-        """After verification: the block's hidden states and which rows were accepted."""
+    def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
+        """Rows of the block whose logits `observe` needs (the engine computes the logits of all
+        sequences in one pass over the LM head)."""
+        return None
+
+    def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
+        """After verification: the logits of `readout_rows`, and which rows were accepted."""

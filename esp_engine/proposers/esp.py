@@ -102,8 +102,8 @@ class EspProposer(Proposer):
     def mask_embedding(self) -> torch.Tensor:
         return self.mask.to(self.model.dtype)
 
-    def on_prefill(self, mask_hidden: torch.Tensor | None) -> None:
-        self._read_masks(mask_hidden)
+    def on_prefill(self, mask_logits: torch.Tensor | None) -> None:
+        self._read_masks(mask_logits)
 
     def on_commit(self, token_ids: list[int]) -> None:
         if not token_ids or self.lam == 0.0:
@@ -133,17 +133,21 @@ class EspProposer(Proposer):
             return Draft(tree)
         return Draft(tree, num_masks=self.num_masks, mask_embedding=self.mask_embedding())
 
-    def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
+    def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
+        # The masks owned by the deepest accepted row guess the tokens after the next root.
+        return layout.owner_mask_rows(verdict.deepest_row) if draft.num_masks else None
+
+    def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
         if self.tuner is not None and self._offered_width:
             # ESP nodes come first in rank order (rows 1..width) when the tree is ESP's alone.
             first = verdict.accepted_rows[0] if verdict.accepted_rows else None
             rank = first - 1 if first is not None and first <= self._offered_width else None
             self.tuner.record(self._offered_width, rank)
             self._offered_width = 0
-        self._read_masks(hidden[layout.owner_mask_rows(verdict.deepest_row)])
+        self._read_masks(readout)
 
-    def _read_masks(self, mask_hidden: torch.Tensor | None) -> None:
-        if mask_hidden is None or mask_hidden.shape[0] == 0:
+    def _read_masks(self, mask_logits: torch.Tensor | None) -> None:
+        if mask_logits is None or mask_logits.shape[0] == 0:
             self.mask_logprobs = None
             return
-        self.mask_logprobs = torch.log_softmax(self.model.logits(mask_hidden), dim=-1)
+        self.mask_logprobs = torch.log_softmax(mask_logits, dim=-1)

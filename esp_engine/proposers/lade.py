@@ -61,11 +61,13 @@ class LadeProposer(Proposer):
         tokens = [t for row in self.window for t in row]
         return Draft(tree, lookahead_shape=(self.rows, self.cols), lookahead_tokens=tokens)
 
-    def observe(self, draft: Draft, layout: BlockLayout, hidden: torch.Tensor, verdict: Verdict) -> None:
-        if not draft.lookahead_tokens:
+    def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
+        return layout.lookahead_row(self.rows - 1) if draft.lookahead_tokens else None
+
+    def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
+        if readout is None:
             return
-        last = hidden[layout.lookahead_row(self.rows - 1)]
-        guesses = self.model.logits(last).argmax(dim=-1).tolist()
+        guesses = readout.argmax(dim=-1).tolist()
         for c in range(self.cols):
             column = [self.window[r][c] for r in range(self.rows)] + [guesses[c]]
             self.pool.add(column[0], tuple(column[1:]))

@@ -17,17 +17,20 @@ from server.async_engine import AsyncEngine, EngineDeadError
 from server.logs import JsonFormatter
 from server.metrics import Metrics, RecentRate
 
-POISON = 666  # a prompt token that makes the fake engine's prefill raise
+POISON = 666  # a prompt token whose prefill fails (the engine reports it as that request's error)
 
 
 class FakeEngine:
-    """Prefills one waiting request per step, else emits one token (= position) per running request."""
+    """Prefills one waiting request per step, else emits one token (= position) per running request.
+    Like LLMEngine, a request's own failure comes back as its error output; `explode` makes the
+    whole step raise (a failure of the batch, not of one request)."""
 
     def __init__(self) -> None:
         self.loaded = SimpleNamespace(tokenizer=None, max_model_len=64, name="fake")
         self.default_spec = SpecConfig.from_preset("ar")
         self.seqs: dict[str, dict] = {}
         self.aborted: list[str] = []
+        self.explode = False
 
     def add_request(self, prompt_ids, sampling, spec=None, req_id=None):
         if not prompt_ids:
@@ -64,13 +67,17 @@ class FakeEngine:
         return min(1.0, len(self.seqs) / 8)
 
     def step(self):
+        if self.explode:
+            self.explode = False
+            raise RuntimeError("the whole pass failed")
         waiting = [rid for rid, s in self.seqs.items() if not s["running"]]
         targets = waiting[:1] or list(self.seqs)
         outputs = []
         for rid in targets:
             s = self.seqs[rid]
             if POISON in s["prompt"]:
-                raise RuntimeError("boom")
+                outputs.append(RequestOutput(rid, [], True, "error", len(s["prompt"]), 0, error="RuntimeError: boom"))
+                continue
             s["running"] = True
             s["out"] += 1
             done = s["out"] >= s["max"]
@@ -143,6 +150,24 @@ def test_failing_prefill_reaches_only_its_request(engine) -> None:
     assert run(main()) == list(range(1, 31))
     assert metrics.requests_aborted.labels("fake", "error")._value.get() == 1
     assert eng.is_alive
+
+
+def test_a_step_that_raises_fails_every_live_request_and_the_worker_goes_on(engine) -> None:
+    eng, fake, metrics = engine
+
+    async def main():
+        fake.explode = True  # the first step after these two arrive
+        streams = await eng.add_requests([([1], SamplingParams(max_new_tokens=40), None),
+                                          ([2], SamplingParams(max_new_tokens=40), None)])
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="whole pass"):
+                await collect(stream)
+        (again,) = await eng.add_requests([([3], SamplingParams(max_new_tokens=3), None)])
+        return await collect(again)
+
+    assert run(main()) == [1, 2, 3]
+    assert fake.seqs == {} and eng.is_alive
+    assert metrics.requests_aborted.labels("fake", "error")._value.get() == 2
 
 
 def test_abort_frees_the_request(engine) -> None:
