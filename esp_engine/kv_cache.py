@@ -4,8 +4,8 @@
 sized once from a memory budget. `BlockAllocator` divides its slots into fixed-size blocks and
 gives each sequence one run of consecutive blocks, so a sequence's cache is a plain strided
 view of the pool: attention reads it directly, with no per-step gather of scattered pages
-(a gather would cost a copy of the whole context per layer per step, which on a CPU is as much
-as the step itself). A run grows in place when the blocks after it are free and moves, once,
+(a gather copies the whole context's keys and values every step: 24 MB per sequence per step for
+SmolLM2 at 512 tokens). A run grows in place when the blocks after it are free and moves, once,
 when they are not; when the pool has no run left the scheduler makes requests wait or preempts.
 """
 

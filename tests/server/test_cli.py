@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # A shell's background job starts with SIGINT ignored and children inherit that; a user's
+    # terminal does not, so give the server the default disposition the tests mean to exercise.
     return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def lines_of(stream) -> queue.Queue:

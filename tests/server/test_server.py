@@ -328,19 +328,19 @@ def test_server_still_answers_after_errors(client, references) -> None:
 
 
 def test_error_inside_generation_reaches_only_that_request(server, client, references) -> None:
-    """A step that raises while prefilling one request fails it alone; a stream in progress continues."""
+    """A failure in one request's own work (here its prefill) fails it alone; a stream in progress continues."""
     worker = server.app.state.engine
     engine = worker._engine
-    real_step = engine.step
+    real_build = engine._build_prefill
     poison = server.loaded.tokenizer.encode("POISON PROMPT")
 
-    def step():
-        if any(s.status.value == "waiting" and s.prompt_ids == poison for s in engine.sequences.values()):
+    def build_prefill(chunk):
+        if chunk.seq.prompt_ids == poison:
             raise RuntimeError("injected failure")
-        return real_step()
+        return real_build(chunk)
 
     ref = references["long"]
-    engine.step = step
+    engine._build_prefill = build_prefill
     try:
         good = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=48, temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
@@ -354,7 +354,7 @@ def test_error_inside_generation_reaches_only_that_request(server, client, refer
                 pass
         rest = "".join(c.choices[0].text for c in it if c.choices)
     finally:
-        engine.step = real_step
+        engine._build_prefill = real_build
     assert first + rest == ref.text
     assert worker.is_alive
 
