@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving throughput with and without speculation: starts esp-serve in several configurations on
 # this machine, one at a time, and runs `esp-bench serve` against each.
-#   bash scripts/serve_sweep.sh [OUT_DIR] [CONCURRENCY] [MAX_TOKENS] [PER_CATEGORY]
+#   [CONFIGS="ar pld-bc10"] [BASELINE_LEVELS=1,8] bash scripts/serve_sweep.sh [OUT_DIR] [CONCURRENCY] [MAX_TOKENS] [PER_CATEGORY]
 # Results: OUT_DIR/serve_<name>.json and .txt (default out/serve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,13 @@ run() {  # name, concurrency levels, esp-serve flags...
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
-run one-at-a-time 1,8 --method ar --max-num-seqs 1
-run ar "$levels" --method ar
-run esp-bc30 "$levels" --method esp --preset bc30
-run pld-bc10 "$levels" --method pld --preset bc10
-run hybrid-bc10 "$levels" --method hybrid --preset bc10
+configs=${CONFIGS:-one-at-a-time ar esp-bc30 pld-bc10 hybrid-bc10}
+for name in $configs; do
+  case $name in
+    one-at-a-time) run one-at-a-time "${BASELINE_LEVELS:-1,8}" --method ar --max-num-seqs 1 ;;
+    ar) run ar "$levels" --method ar ;;
+    esp-bc30) run esp-bc30 "$levels" --method esp --preset bc30 ;;
+    pld-bc10) run pld-bc10 "$levels" --method pld --preset bc10 ;;
+    hybrid-bc10) run hybrid-bc10 "$levels" --method hybrid --preset bc10 ;;
+  esac
+done

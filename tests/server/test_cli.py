@@ -109,3 +109,15 @@ def test_cli_json_logs() -> None:
     access = [rec for rec in records if rec["logger"] == "uvicorn.access"]
     assert any(rec["path"] == "/v1/completions" and rec["status_code"] == 200 for rec in access)
     assert "Zanzibar" not in "\n".join(lines)
+
+
+def test_batching_flags_reach_the_settings_and_bad_ones_are_refused(capsys) -> None:
+    from server.__main__ import main, parse_args
+
+    args = parse_args(["--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--kv-cache-memory", "0.5",
+                       "--block-size", "32", "--max-rows-per-step", "40", "--no-load-adaptive"])
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory) == (8, 256, 0.5)
+    assert (args.block_size, args.max_rows_per_step, args.load_adaptive) == (32, 40, False)
+    assert parse_args([]).load_adaptive is True
+    assert main(["--max-num-seqs", "16", "--max-num-batched-tokens", "8"]) == 2  # before any model loads
+    assert "max_num_batched_tokens" in capsys.readouterr().err
