@@ -154,6 +154,7 @@ class LoadTuner:
     costs: StepCostModel
     decay: float = 0.99  # per recorded pass: about the last 100 passes of a (method, share) count
     prior_weight: float = 1.0
+    explore_batch: int = 2  # largest batch that tries shares with no record yet
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
     _rows: dict[tuple[str, int], float] = field(default_factory=dict)
     _weight: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -162,13 +163,15 @@ class LoadTuner:
     def prior(share: int) -> float:
         return 1.0 + 0.5 * (share - 1) ** 0.5
 
-    def expected(self, method: str, share: int) -> float:
-        """Tokens a pass commits for a sequence of `method` allowed `share` rows."""
+    def expected(self, method: str, share: int, explore: bool = True) -> float:
+        """Tokens a pass commits for a sequence of `method` allowed `share` rows. Without
+        `explore`, a share never tried counts as plain decoding (one token)."""
         if method == "ar" or share <= 1:
             return 1.0
         key = (method, share)
         w = self._weight.get(key, 0.0)
-        return (self._tokens.get(key, 0.0) + self.prior(share) * self.prior_weight) / (w + self.prior_weight)
+        prior = self.prior(share) if explore else 1.0
+        return (self._tokens.get(key, 0.0) + prior * self.prior_weight) / (w + self.prior_weight)
 
     def expected_rows(self, method: str, share: int) -> float:
         """Rows it really uses: n-gram methods often draft less than their share, or nothing."""
@@ -182,10 +185,13 @@ class LoadTuner:
         """The share for this pass; `caps` are each sequence's own largest block, `extra_rows`
         the prefill rows riding along."""
         top = max(caps, default=1)
+        # Try untested shares only while the batch is small: a wrong guess then costs one cheap
+        # pass, while at a large batch it multiplies every sequence's rows at once.
+        explore = len(caps) <= self.explore_batch
         best_share, best_rate = 1, 0.0
         for share in [s for s in SHARES if s < top] + [top]:
             rows = sum(self.expected_rows(m, min(share, cap)) for m, cap in zip(methods, caps)) + extra_rows
-            tokens = sum(self.expected(m, min(share, cap)) for m, cap in zip(methods, caps))
+            tokens = sum(self.expected(m, min(share, cap), explore) for m, cap in zip(methods, caps))
             rate = tokens / self.costs.batch_cost(round(rows), len(caps) + (extra_rows > 0))
             if rate > best_rate * (1 + 1e-9):
                 best_share, best_rate = share, rate

@@ -202,6 +202,15 @@ def test_load_tuner_shrinks_the_share_as_the_batch_grows():
     assert shares[0] > 1 and shares == sorted(shares, reverse=True) and shares[-1] < shares[0]
 
 
+def test_load_tuner_tries_untested_shares_only_at_small_batches():
+    fresh = LoadTuner(FLAT)
+    assert fresh.choose(["pld"], [16]) > 1  # alone: an optimistic guess costs one cheap pass
+    assert fresh.choose(["pld"] * 8, [16] * 8) == 1  # eight at once: nothing known, nothing risked
+    for _ in range(50):
+        fresh.record("pld", 16, 3, rows=10)
+    assert fresh.choose(["pld"] * 8, [16] * 8) == 16  # once measured, it pays at any batch
+
+
 def test_load_adaptive_engine_stays_lossless(tiny):
     prompts = _prompts(4, seed=5)
     sampling = SamplingParams(max_new_tokens=25, ignore_eos=True)
