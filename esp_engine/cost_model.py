@@ -19,6 +19,19 @@ from .kv_cache import KVCache
 from .model import LlamaFamilyModel
 
 
+def _best_time(run, reset, repeats: int, device: torch.device) -> float:
+    """Best wall time of `repeats` runs of `run` after one warm-up, `reset` before each."""
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms kernels up
+        reset()
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @dataclass(slots=True)
 class StepCostModel:
     """Seconds per forward pass by number of block rows, linearly interpolated."""
@@ -50,16 +63,12 @@ class StepCostModel:
             mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
             embeds = model.embed(ids[context : context + n])
             positions = torch.arange(context, context + n, device=model.device)
-            best = float("inf")
-            for _ in range(repeats + 1):  # the first run warms kernels up
-                cache.truncate(context)
-                start = time.perf_counter()
+
+            def block() -> None:  # run at once, so the loop's variables are this iteration's
                 hidden = model(cache, embeds, positions, mask if n > 1 else None)
                 model.logits(hidden[: max(1, n // 2)])
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            seconds.append(best)
+
+            seconds.append(_best_time(block, lambda: cache.truncate(context), repeats, model.device))
         return cls(list(rows), seconds, cls._measure_per_sequence(model, context, repeats))
 
     @staticmethod
@@ -76,20 +85,14 @@ class StepCostModel:
         positions = torch.full((batch,), context, device=model.device)
         one_mask = torch.ones(batch, batch, dtype=torch.bool, device=model.device).tril_()
 
-        def timed(run) -> float:
-            best = float("inf")
-            for _ in range(repeats + 1):
-                for cache in caches:
-                    cache.truncate(context)
-                start = time.perf_counter()
-                run()
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            return best
+        def reset() -> None:
+            for cache in caches:
+                cache.truncate(context)
 
-        together = timed(lambda: model.forward_batch(caches, embeds, positions, [None] * batch, [1] * batch))
-        alone = timed(lambda: model(caches[0], embeds, torch.arange(context, context + batch, device=model.device), one_mask))
+        together = _best_time(lambda: model.forward_batch(caches, embeds, positions, [None] * batch, [1] * batch),
+                              reset, repeats, model.device)
+        alone = _best_time(lambda: model(caches[0], embeds, torch.arange(context, context + batch, device=model.device),
+                                         one_mask), reset, repeats, model.device)
         return max(0.0, (together - alone) / (batch - 1))
 
     def batch_cost(self, num_rows: int, num_sequences: int) -> float:

@@ -122,7 +122,6 @@ class LLMEngine:
         self.loaded = loaded
         self.model = loaded.model
         self.default_spec = default_spec or SpecConfig.from_preset("esp", "bc30")
-        self.config = config
         self.sequences: dict[str, Sequence] = {}
         self._step_costs: StepCostModel | None = None
         self._tuners: dict[tuple, BudgetTuner] = {}
@@ -140,7 +139,7 @@ class LLMEngine:
         if config.kv_cache_bytes is not None:
             return config.kv_cache_bytes
         shape = self.model.shape
-        per_slot = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.empty((), dtype=self.model.dtype).element_size()
+        per_slot = KVPool.slot_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.dtype)
         enough = config.max_num_seqs * (self.loaded.max_model_len + 2 * _MAX_SLACK) * per_slot
         if self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
@@ -402,7 +401,7 @@ class LLMEngine:
         context = seq.context
         base = seq.cache.length  # == position of the root
         max_nodes, extras = self._fit(seq, cap)
-        warm = getattr(seq.proposer, "mask_logprobs", True) is not None
+        warm = seq.proposer.has_guesses
         draft = seq.proposer.propose(context, max_nodes=max_nodes, extras=extras)
         tree = draft.tree
         layout = block_layout(tuple(tree.parents), draft.num_masks, draft.lookahead_shape)

@@ -101,12 +101,17 @@ class KVPool:
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        self.bytes_per_slot = 2 * num_layers * num_kv_heads * head_dim * self.keys.element_size()
+        self.bytes_per_slot = self.slot_bytes(num_layers, num_kv_heads, head_dim, dtype)
+
+    @staticmethod
+    def slot_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one token's keys and values over all layers."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
     def from_budget(cls, budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                     dtype: torch.dtype, device: torch.device | str = "cpu") -> "KVPool":
-        bytes_per_block = 2 * num_layers * num_kv_heads * head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+        bytes_per_block = cls.slot_bytes(num_layers, num_kv_heads, head_dim, dtype) * block_size
         num_blocks = budget_bytes // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {bytes_per_block} bytes")

@@ -240,11 +240,13 @@ class AsyncEngine:
             command.done.set_result(None)
 
     def _step(self) -> None:
-        suspects = self._suspects()
         started = time.monotonic()
         try:
             outputs = self._engine.step()
         except Exception as exc:
+            # The engine ends a request whose own work fails with an error output; what escapes
+            # `step` comes from the batch as a whole, and any live request may have been in it.
+            suspects = list(self._live)
             log.exception("engine step failed; failing request(s) %s", ", ".join(suspects))
             for rid in suspects:
                 self._fail(rid, exc, "error")
@@ -266,12 +268,6 @@ class AsyncEngine:
             live.scheduled = started
             if self.metrics:
                 self.metrics.queue_time.labels(self.metrics.model_name).observe(max(0.0, started - live.arrival))
-
-    def _suspects(self) -> list[str]:
-        """Requests a failing step may have touched: all of them. The engine isolates a request's
-        own failures itself (an output with `error`); what escapes `step` comes from the batch as a
-        whole (scheduling, the shared pass), and any live request may have been part of it."""
-        return list(self._live)
 
     def _fail(self, req_id: str, exc: BaseException, reason: str) -> None:
         live = self._live.pop(req_id, None)

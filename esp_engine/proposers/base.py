@@ -43,6 +43,12 @@ class Proposer:
     def mask_embedding(self) -> torch.Tensor | None:
         return None
 
+    @property
+    def has_guesses(self) -> bool:
+        """Whether this step's draft can use what the previous pass taught it; False after a
+        pass the engine ran without mask rows (the load tuner does not count such a step)."""
+        return True
+
     def on_prefill(self, mask_logits: torch.Tensor | None) -> None:
         """Logits of the prefill mask rows ([k, vocab]), if any."""
 

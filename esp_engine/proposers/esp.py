@@ -102,6 +102,10 @@ class EspProposer(Proposer):
     def mask_embedding(self) -> torch.Tensor:
         return self.mask.to(self.model.dtype)
 
+    @property
+    def has_guesses(self) -> bool:
+        return self.mask_logprobs is not None
+
     def on_prefill(self, mask_logits: torch.Tensor | None) -> None:
         self._read_masks(mask_logits)
 

@@ -23,7 +23,7 @@ class HybridProposer(EspProposer):
     def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         budget = min(self.spec.esp_node_budget, max_nodes)
         # ESP's reserve only when it has guesses (none after a pass the engine ran without masks).
-        reserve = self.spec.hybrid_min_esp_nodes if self.mask_logprobs is not None else 0
+        reserve = self.spec.hybrid_min_esp_nodes if self.has_guesses else 0
         chain_budget = max(0, budget - reserve)
         tree = DraftTree()
         if chain_budget:
