@@ -87,6 +87,11 @@ class ServeSettings:
     warmup: int = 1
     timeout_s: float = 600.0
     metrics_url: str | None = None  # None: {server root}/metrics
+    system_prompt: str | None = None  # sent as a system message before every prompt
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*head, {"role": "user", "content": text}]
 
     def extra_body(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -109,6 +114,7 @@ class ServeSettings:
             "spec_method": self.spec_method,
             "spec_preset": self.spec_preset,
             "ignore_eos": self.ignore_eos,
+            "system_prompt_chars": len(self.system_prompt) if self.system_prompt else 0,
             "warmup": self.warmup,
             "metrics_url": self.resolved_metrics_url(),
             "endpoint": "chat.completions (stream, include_usage)",
@@ -151,6 +157,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each content chunk, s after sending
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
     error: str | None = None
 
     @property
@@ -180,7 +187,7 @@ async def send_request(client: Any, model: str, prompt: Prompt, settings: ServeS
     try:
         stream = await client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": prompt.text}],
+            messages=settings.messages(prompt.text),
             max_completion_tokens=settings.max_tokens,
             temperature=settings.temperature,
             stream=True,
@@ -194,6 +201,9 @@ async def send_request(client: Any, model: str, prompt: Prompt, settings: ServeS
             if chunk.usage is not None:
                 result.prompt_tokens = chunk.usage.prompt_tokens
                 result.output_tokens = chunk.usage.completion_tokens
+                details = getattr(chunk.usage, "prompt_tokens_details", None)
+                if details is not None and details.cached_tokens is not None:
+                    result.cached_tokens = details.cached_tokens
         result.ok = True
     except (openai.OpenAIError, httpx.HTTPError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -262,6 +272,7 @@ def level_report(concurrency: int, results: Sequence[RequestResult], duration_s:
         "duration_s": duration_s,
         "requests_per_s": len(done) / duration_s if duration_s > 0 else None,
         "input_tokens": sum(r.prompt_tokens or 0 for r in done),
+        "cached_input_tokens": sum(r.cached_tokens or 0 for r in done),
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / duration_s if output_tokens is not None and duration_s > 0 else None,
         "ttft_s": summarize([r.ttft_s for r in done if r.ttft_s is not None]),
@@ -393,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: the server root + /metrics)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
+    p.add_argument("--system-prompt", default=None,
+                   help="a system message sent before every prompt; @FILE reads it from a file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -404,12 +417,18 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         raise BenchError("--per-category, --num-prompts and --warmup must be >= 0")
     if args.timeout <= 0:
         raise BenchError("--timeout must be positive")
+    system = args.system_prompt
+    if system is not None and system.startswith("@"):
+        try:
+            system = Path(system[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BenchError(f"--system-prompt: cannot read {system[1:]}: {exc.strerror}") from exc
     return ServeSettings(
         prompts=args.prompts, base_url=args.base_url, api_key=args.api_key, model=args.model,
         per_category=args.per_category, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
         temperature=args.temperature, concurrency=parse_concurrency(args.concurrency),
         spec_method=args.spec_method, spec_preset=args.spec_preset, ignore_eos=args.ignore_eos,
-        warmup=args.warmup, timeout_s=args.timeout, metrics_url=args.metrics_url,
+        warmup=args.warmup, timeout_s=args.timeout, metrics_url=args.metrics_url, system_prompt=system,
     )
 
 

@@ -20,6 +20,7 @@ from .config import SamplingParams, SpecConfig
 from .cost_model import BudgetTuner, LoadTuner, StepCostModel
 from .errors import ContextLengthError, EngineError, InvalidRequestError
 from .kv_cache import KVPool
+from .prefix_cache import PrefixCache
 from .loader import LoadedModel
 from .proposers.base import Draft, Proposer
 from .proposers.esp import EspProposer
@@ -63,6 +64,7 @@ class RequestOutput:
     step: StepStats | None = None
     stop_token_id: int | None = None  # the EOS/stop id that ended the request (not in new_token_ids)
     error: str | None = None  # set with finish_reason "error": this request failed, others go on
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
 @dataclass(slots=True)
@@ -129,7 +131,9 @@ class LLMEngine:
         self.kv_pool = KVPool.from_budget(self._kv_budget(config), shape.num_layers, shape.num_kv_heads,
                                           shape.head_dim, config.block_size, self.model.dtype, self.model.device)
         self.load_tuner = LoadTuner(self.step_costs()) if config.load_adaptive else None
-        self.scheduler = Scheduler(config, self.kv_pool, self._block_rows, self._slack, self._max_slots, self.load_tuner)
+        self.prefix_cache = PrefixCache(self.kv_pool) if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(config, self.kv_pool, self._block_rows, self._slack, self._max_slots,
+                                   self.load_tuner, self.prefix_cache)
         log.info("KV cache: %d blocks of %d slots (%.0f MiB)", self.kv_pool.num_blocks, config.block_size,
                  self.kv_pool.nbytes / 2**20)
 
@@ -220,8 +224,10 @@ class LLMEngine:
         return sum(s.cache.nbytes for s in self.sequences.values() if s.cache is not None)
 
     def kv_cache_usage(self) -> float:
-        """Fraction (0..1) of the KV pool's blocks held by live sequences."""
-        return self.kv_pool.usage()
+        """Fraction (0..1) of the KV pool's blocks held by live sequences (prefix-cache entries
+        count as free, as in vLLM: any of them is evicted the moment a request needs room)."""
+        cached = self.prefix_cache.num_blocks if self.prefix_cache is not None else 0
+        return self.kv_pool.usage() - cached / self.kv_pool.num_blocks
 
     # ---- sizes the scheduler asks for ----------------------------------------------------
     @staticmethod
@@ -376,8 +382,8 @@ class LLMEngine:
         seq, model = chunk.seq, self.model
         fresh = not seq.output_ids
         embeds = model.embed(torch.tensor(seq.prefill_ids[chunk.start : chunk.end], device=model.device))
-        if fresh and chunk.start == 0:
-            whole = embeds if chunk.is_last else model.embed(torch.tensor(seq.prompt_ids, device=model.device))
+        if fresh and chunk.start == seq.num_cached_tokens:  # the first chunk
+            whole = embeds if chunk.is_last and chunk.start == 0 else model.embed(torch.tensor(seq.prompt_ids, device=model.device))
             seq.proposer.begin(seq.prompt_ids, whole)
         k = seq.proposer.num_prefill_masks if fresh and chunk.is_last else 0
         if k:
@@ -392,6 +398,8 @@ class LLMEngine:
         seq.status = SequenceStatus.RUNNING
         if seq.output_ids:  # recomputed after a preemption: the next step decodes from here
             return None
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(seq.prompt_ids, seq.cache)
         seq.proposer.on_prefill(piece.result)
         seq.stats.first_token_time = time.monotonic()
         return self._commit(seq, [piece.token], piece.choice_logits, step=None)
@@ -485,4 +493,4 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
             seq.stats.finish_time = time.monotonic()
         return RequestOutput(seq.req_id, kept, finished, seq.finish_reason, len(seq.prompt_ids),
-                             len(seq.output_ids), logprobs, step, stop_token)
+                             len(seq.output_ids), logprobs, step, stop_token, num_cached_tokens=seq.num_cached_tokens)

@@ -17,6 +17,7 @@ from typing import Callable
 from .cost_model import LoadTuner
 from .errors import InvalidRequestError
 from .kv_cache import KVCache, KVCacheFull, KVPool
+from .prefix_cache import PrefixCache
 from .sequence import Sequence, SequenceStatus
 
 
@@ -30,6 +31,7 @@ class SchedulerConfig:
     block_size: int = 16  # KV slots per block
     max_rows_per_step: int | None = None  # decode rows of one pass; trees shrink to their share
     load_adaptive: bool = False  # pick each pass's share from measured step cost (`LoadTuner`)
+    enable_prefix_caching: bool = False  # reuse the KV of prompt prefixes seen before (`PrefixCache`)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -70,7 +72,7 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: KVPool, block_rows: Callable[[Sequence], int],
                  prefill_slack: Callable[[Sequence], int], max_capacity: Callable[[Sequence], int],
-                 tuner: LoadTuner | None = None) -> None:
+                 tuner: LoadTuner | None = None, prefix_cache: PrefixCache | None = None) -> None:
         """`block_rows(seq)`: the most rows a sequence's decode block can have;
         `prefill_slack(seq)`: extra rows its last prefill chunk carries (ESP masks) plus room for
         its first decode block; `max_capacity(seq)`: the most KV slots it can ever need."""
@@ -80,6 +82,7 @@ class Scheduler:
         self.prefill_slack = prefill_slack
         self.max_capacity = max_capacity
         self.tuner = tuner
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: prefilling and decoding
         self.num_preemptions = 0
@@ -131,6 +134,10 @@ class Scheduler:
                 break  # first come, first served: later requests do not overtake it
             self.waiting.popleft()
             seq.cache = cache
+            if self.prefix_cache is not None:
+                cached = self.prefix_cache.load(seq.prefill_ids, cache)
+                if not seq.output_ids:  # a recomputation after preemption is not the client's prompt
+                    seq.num_cached_tokens = cached
             seq.status = SequenceStatus.PREFILLING
             self.running.append(seq)
             budget = self._add_chunk(seq, budget, step)
@@ -167,6 +174,8 @@ class Scheduler:
                 seq.cache.ensure(needed)
                 return True
             except KVCacheFull:
+                if self.prefix_cache is not None and self.prefix_cache.evict_one():
+                    continue
                 victim = next((s for s in reversed(self.running) if s is not seq), seq)
                 self._preempt(victim, step)
                 if victim is seq:
@@ -185,7 +194,10 @@ class Scheduler:
     def _allocate(self, seq: Sequence) -> KVCache | None:
         need = len(seq.prefill_ids) + self.prefill_slack(seq)
         limit = self.max_capacity(seq)
-        return self.pool.allocate(min(limit, need + KVCache.GROWTH_CHUNK), limit) or self.pool.allocate(need, limit)
+        while True:
+            cache = self.pool.allocate(min(limit, need + KVCache.GROWTH_CHUNK), limit) or self.pool.allocate(need, limit)
+            if cache is not None or self.prefix_cache is None or not self.prefix_cache.evict_one():
+                return cache
 
     def _add_chunk(self, seq: Sequence, budget: int, step: ScheduledStep) -> int:
         start = seq.cache.length

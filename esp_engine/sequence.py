@@ -48,6 +48,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     stats: SequenceStats = field(default_factory=SequenceStats)
 
     @property

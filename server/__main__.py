@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on the decode rows of one pass; draft trees shrink to their share")
     b.add_argument("--load-adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="size draft trees each pass from measured step cost and acceptance (default on)")
+    b.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes seen before (default on)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
                    help="'json': one JSON object per log line on stderr, uvicorn's lines included")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_bytes=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None,
-            block_size=args.block_size, max_rows_per_step=args.max_rows_per_step, load_adaptive=args.load_adaptive)
+            block_size=args.block_size, max_rows_per_step=args.max_rows_per_step, load_adaptive=args.load_adaptive,
+            enable_prefix_caching=args.enable_prefix_caching)
     except InvalidRequestError as exc:
         print(f"esp-serve: {exc}", file=sys.stderr)
         return 2

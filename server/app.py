@@ -60,8 +60,9 @@ class ServerSettings:
     max_model_len: int | None = None
     api_key: str | None = None
     served_model_name: str | None = None
-    # Batching and KV memory; speculation adapts to load unless told otherwise.
-    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True))
+    # Batching and KV memory; speculation adapts to load and prompt prefixes are cached unless told otherwise.
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True,
+                                                                                enable_prefix_caching=True))
 
     def spec(self) -> SpecConfig:
         return SpecConfig.from_preset(self.method, self.preset)

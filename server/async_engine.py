@@ -318,6 +318,8 @@ class AsyncEngine:
         assert m is not None
         if live.last_output is None:
             m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+            m.prefix_cache_queries.labels(name).inc(out.num_prompt_tokens)
+            m.prefix_cache_hits.labels(name).inc(out.num_cached_tokens)
             m.ttft.labels(name).observe(now - live.arrival)
         elif num_new:
             per_token = (now - live.last_output) / num_new

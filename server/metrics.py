@@ -76,6 +76,10 @@ class Metrics:
                                     m, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                            m, registry=r)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served by the prefix cache.",
+                                         m, registry=r)
         self.tokens_per_second = Gauge("esp:generation_tokens_per_second",
                                        f"Generated tokens per second over the last {TOKEN_RATE_WINDOW_S:g} s.",
                                        m, registry=r)

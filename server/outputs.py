@@ -47,9 +47,11 @@ class ChoiceRun:
         self._stops = StopStringMatcher(stops)
         self._raw_len = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served (usage.prompt_tokens_details)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         async for out in self.stream:
+            self.cached_tokens = out.num_cached_tokens
             parts: list[str] = []
             tokens: list[TokenInfo] = []
             logprobs = out.new_logprobs or []

@@ -270,14 +270,27 @@ class DetokenizeRequest(_Request):
 # ---- responses --------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> "Usage":
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    def of(cls, prompt: int, completion: int, cached: int = 0) -> "Usage":
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    @classmethod
+    def of_runs(cls, prompt: int, runs: list[Any]) -> "Usage":
+        """Usage of an API request made of several engine requests (choices, prompts); `n`
+        choices share one prompt, counted once, so its cached part is counted at most once."""
+        cached = min(prompt, sum(r.cached_tokens for r in runs))
+        return cls.of(prompt, sum(r.completion_tokens for r in runs), cached)
 
 
 class CompletionLogprobs(BaseModel):

@@ -169,7 +169,7 @@ async def create_completion(ctx: Context, req: CompletionRequest, request: Reque
     for run, ds in zip(runs, deltas):
         whole = _join(ds)
         choices.append(choice(run, whole, echo[run.index] + whole.text))
-    usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+    usage = Usage.of_runs(prompt_tokens, runs)
     return CompletionResponse(choices=choices, usage=usage, **meta).model_dump()
 
 
@@ -186,7 +186,7 @@ async def _completion_chunks(runs: list[ChoiceRun], meta: dict, echo: list[str],
             body = CompletionResponse(choices=[choice(runs[i], delta, delta.text)], **meta)
             yield body.model_dump_json(exclude=exclude)
     if include_usage:
-        usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+        usage = Usage.of_runs(prompt_tokens, runs)
         yield CompletionResponse(choices=[], usage=usage, **meta).model_dump_json()
 
 
@@ -224,7 +224,7 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
         whole = _join(ds)
         choices.append(ChatChoice(index=run.index, message=ChatResponseMessage(content=whole.text),
                                   logprobs=lp(whole), finish_reason=whole.finish_reason))
-    usage = Usage.of(len(ids), sum(r.completion_tokens for r in runs))
+    usage = Usage.of_runs(len(ids), runs)
     return ChatCompletionResponse(choices=choices, usage=usage, **meta).model_dump()
 
 
@@ -246,7 +246,7 @@ async def _chat_chunks(runs: list[ChoiceRun], meta: dict, lp: Callable[[ChoiceDe
         if delta.finish_reason:
             yield chunk(i, DeltaMessage(), None, delta.finish_reason)
     if include_usage:
-        usage = Usage.of(prompt_tokens, sum(r.completion_tokens for r in runs))
+        usage = Usage.of_runs(prompt_tokens, runs)
         yield ChatCompletionChunk(choices=[], usage=usage, **meta).model_dump_json()
 
 

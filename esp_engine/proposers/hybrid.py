@@ -24,7 +24,10 @@ class HybridProposer(EspProposer):
         budget = min(self.spec.esp_node_budget, max_nodes)
         # ESP's reserve only when it has guesses (none after a pass the engine ran without masks).
         reserve = self.spec.hybrid_min_esp_nodes if self.has_guesses else 0
-        chain_budget = max(0, budget - reserve)
+        # The reserve comes out of the configured budget, not out of a cap the engine sets for
+        # this step (few tokens left, a full batch): under a cap the chain, which accepts far
+        # more often than a mask guess, is drafted first, so hybrid never drafts less of it than PLD.
+        chain_budget = min(max(0, self.spec.esp_node_budget - reserve), max_nodes)
         tree = DraftTree()
         if chain_budget:
             for chain in self.pld.chains(context):

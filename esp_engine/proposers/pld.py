@@ -50,6 +50,8 @@ class PldProposer(Proposer):
 
     def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         tree = DraftTree()
+        if max_nodes <= 0:  # plain decoding this step (few tokens left, or a full batch): skip the search
+            return Draft(tree)
         for chain in self.chains(context):
             tree.add_chain(0, chain, budget=max_nodes)
         return Draft(tree)

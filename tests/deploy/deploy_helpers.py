@@ -100,6 +100,8 @@ def populated_metrics():
     m.requests_aborted.labels(MODEL, "client").inc()
     m.prompt_tokens.labels(MODEL).inc(120)
     m.generation_tokens.labels(MODEL).inc(64)
+    m.prefix_cache_queries.labels(MODEL).inc(120)
+    m.prefix_cache_hits.labels(MODEL).inc(32)
     for seconds in (0.05, 0.3, 1.2):
         m.queue_time.labels(MODEL).observe(seconds / 2)
         m.ttft.labels(MODEL).observe(seconds)

@@ -19,7 +19,7 @@ PROMPTS = [
 ]
 STATS_KEYS = {"p50", "p99", "mean"}
 LEVEL_KEYS = {"concurrency", "requests", "completed", "errors", "duration_s", "requests_per_s", "input_tokens",
-              "output_tokens", "output_tokens_per_s", "ttft_s", "itl_s", "tpot_s", "e2e_s", "tokens_per_chunk", "tau",
+              "cached_input_tokens", "output_tokens", "output_tokens_per_s", "ttft_s", "itl_s", "tpot_s", "e2e_s", "tokens_per_chunk", "tau",
               "accepted_per_draft", "counter_deltas", "error_messages"}
 
 
@@ -30,12 +30,18 @@ def prompts_file(tmp_path):
     return path
 
 
+SYSTEM = ("You are a quiz assistant for a school. Answer every question in a few words, in plain English, "
+          "and never add an explanation unless the student asks for one.")
+
+
 def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path, capsys):
     out = tmp_path / "serve.json"
+    system = tmp_path / "system.txt"
+    system.write_text(SYSTEM)
     rc = bench.main([
         "serve", "--base-url", server.base_url + "/v1", "--api-key", API_KEY, "--prompts", str(prompts_file),
         "--max-tokens", "8", "--concurrency", "1,2", "--spec-method", "esp", "--spec-preset", "bc10",
-        "--no-progress", "--json", str(out),
+        "--system-prompt", f"@{system}", "--no-progress", "--json", str(out),
     ])
     assert rc == 0
     stdout = capsys.readouterr().out
@@ -50,6 +56,7 @@ def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path
     assert settings["concurrency"] == [1, 2] and settings["num_prompts"] == 3 and settings["max_tokens"] == 8
     assert settings["spec_method"] == "esp" and settings["spec_preset"] == "bc10"
     assert settings["metrics_url"] == server.base_url + "/metrics"
+    assert settings["system_prompt_chars"] == len(SYSTEM)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
     for lv in report["levels"]:
         assert set(lv) == LEVEL_KEYS
@@ -57,6 +64,8 @@ def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path
         assert lv["errors"] == 0 and lv["error_messages"] == []
         assert 0 < lv["output_tokens"] <= 8 * len(PROMPTS) and lv["output_tokens_per_s"] > 0
         assert lv["input_tokens"] > 0 and lv["duration_s"] > 0 and lv["requests_per_s"] > 0
+        # The warmup request already sent the system prompt: the server's prefix cache serves it.
+        assert 0 < lv["cached_input_tokens"] < lv["input_tokens"]
         for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
             assert set(lv[key]) == STATS_KEYS
         assert 0 < lv["ttft_s"]["p50"] <= lv["ttft_s"]["p99"] <= lv["e2e_s"]["p99"]

@@ -424,6 +424,20 @@ def test_health_and_metrics(server, client) -> None:
     assert metric(server, "vllm:spec_decode_num_drafts_total", model_name=MODEL) > 0
 
 
+def test_prefix_cache_serves_a_shared_system_prompt(server, client) -> None:
+    system = {"role": "system", "content": "You answer questions about a small bakery in one sentence. "
+                                           "Be polite, be brief, and never invent prices or opening hours."}
+    first = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
+        system, {"role": "user", "content": "Do you sell bread?"}])
+    second = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
+        system, {"role": "user", "content": "Do you bake cakes?"}])
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    assert metric(server, "vllm:prefix_cache_hits_total", model_name=MODEL) >= cached
+    assert metric(server, "vllm:prefix_cache_queries_total", model_name=MODEL) >= first.usage.prompt_tokens + second.usage.prompt_tokens
+
+
 def test_tokenize_detokenize(server, references) -> None:
     ref = references["completion"]
     with server.http() as http:
