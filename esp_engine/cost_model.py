@@ -158,9 +158,35 @@ class LoadTuner:
     decay: float = 0.99  # per recorded pass: about the last 100 passes of a (method, share) count
     prior_weight: float = 1.0
     explore_batch: int = 2  # largest batch that tries shares with no record yet
+    # Above that batch, speculation must be predicted to beat plain decoding by this much: the cost
+    # model is off by up to ~10% for wide batched passes (per-sequence masked attention, Python
+    # bookkeeping), and a wrong choice there slows every sequence at once.
+    margin: float = 0.1
+    correction_decay: float = 0.9  # per observed pass: the last ten or so passes of a kind count
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
     _rows: dict[tuple[str, int], float] = field(default_factory=dict)
     _weight: dict[tuple[str, int], float] = field(default_factory=dict)
+    _correction: dict[tuple[bool, int], float] = field(default_factory=dict)  # measured / modelled time
+
+    @staticmethod
+    def _batch_bucket(num_sequences: int) -> int:
+        """1, 2, 3-4, 5-8, 9-16, ...: batches alike enough to share a correction."""
+        return max(0, num_sequences - 1).bit_length()
+
+    def correction(self, speculative: bool, num_sequences: int) -> float:
+        """How much longer passes of this kind really took than the start-up model says."""
+        return self._correction.get((speculative, self._batch_bucket(num_sequences)), 1.0)
+
+    def observe_pass(self, num_sequences: int, num_rows: int, speculative: bool, seconds: float) -> None:
+        """A decode pass as it ran: the model's error for passes of this kind and batch is
+        learnt, so that choices correct themselves within a few passes where the model is wrong."""
+        modelled = self.costs.batch_cost(num_rows, num_sequences)
+        if modelled <= 0 or seconds <= 0:
+            return
+        key = (speculative, self._batch_bucket(num_sequences))
+        old = self._correction.get(key)
+        ratio = seconds / modelled
+        self._correction[key] = ratio if old is None else old * self.correction_decay + ratio * (1 - self.correction_decay)
 
     @staticmethod
     def prior(share: int) -> float:
@@ -191,12 +217,16 @@ class LoadTuner:
         # Try untested shares only while the batch is small: a wrong guess then costs one cheap
         # pass, while at a large batch it multiplies every sequence's rows at once.
         explore = len(caps) <= self.explore_batch
-        best_share, best_rate = 1, 0.0
+        margin = 0.0 if explore else self.margin
+        best_share, best_rate, plain_rate = 1, 0.0, 0.0
         for share in [s for s in SHARES if s < top] + [top]:
             rows = sum(self.expected_rows(m, min(share, cap)) for m, cap in zip(methods, caps)) + extra_rows
             tokens = sum(self.expected(m, min(share, cap), explore) for m, cap in zip(methods, caps))
-            rate = tokens / self.costs.batch_cost(round(rows), len(caps) + (extra_rows > 0))
-            if rate > best_rate * (1 + 1e-9):
+            n = len(caps) + (extra_rows > 0)
+            rate = tokens / (self.costs.batch_cost(round(rows), n) * self.correction(share > 1, n))
+            if share == 1:
+                plain_rate = rate
+            if rate > best_rate * (1 + 1e-9) and (share == 1 or rate > plain_rate * (1 + margin)):
                 best_share, best_rate = share, rate
         return best_share
 

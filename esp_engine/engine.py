@@ -131,6 +131,7 @@ class LLMEngine:
         self.kv_pool = KVPool.from_budget(self._kv_budget(config), shape.num_layers, shape.num_kv_heads,
                                           shape.head_dim, config.block_size, self.model.dtype, self.model.device)
         self.load_tuner = LoadTuner(self.step_costs()) if config.load_adaptive else None
+        self._pass_rows, self._pass_speculative = 0, False  # the last forward pass, for the tuner
         self.prefix_cache = PrefixCache(self.kv_pool) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(config, self.kv_pool, self._block_rows, self._slack, self._max_slots,
                                    self.load_tuner, self.prefix_cache)
@@ -246,8 +247,14 @@ class LLMEngine:
         """One forward pass: a block for every decoding sequence (root, draft tree, masks or
         lookahead rows, each with its own positions and tree mask) plus prefill chunks of
         admitted requests, as far as the step's token budget allows."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         outputs = self._run(plan) if not plan.is_empty else []
+        if self.load_tuner is not None and plan.share is not None and plan.decode and not plan.prefill:
+            # Decode-only passes teach the tuner how far its cost model is off (prefill chunks
+            # would blur it: their attention grows with the prompt).
+            self.load_tuner.observe_pass(len(plan.decode), self._pass_rows, self._pass_speculative,
+                                         time.perf_counter() - start)
         for out in outputs:
             if out.finished:
                 seq = self.sequences.pop(out.req_id, None)
@@ -309,6 +316,8 @@ class LLMEngine:
         if not pieces:
             return outputs
         rows = [p.embeds.shape[0] for p in pieces]
+        self._pass_rows = sum(rows)
+        self._pass_speculative = any(n > 1 for p, n in zip(pieces, rows) if isinstance(p.work, _Block))
         try:
             hidden = self.model.forward_batch([p.seq.cache for p in pieces], torch.cat([p.embeds for p in pieces]),
                                               torch.cat([p.positions for p in pieces]), [p.mask for p in pieces], rows)
@@ -408,7 +417,7 @@ class LLMEngine:
         model = self.model
         context = seq.context
         base = seq.cache.length  # == position of the root
-        max_nodes, extras = self._fit(seq, cap)
+        max_nodes, extras = self._fit(seq, cap, context)
         warm = seq.proposer.has_guesses
         draft = seq.proposer.propose(context, max_nodes=max_nodes, extras=extras)
         tree = draft.tree
@@ -423,12 +432,16 @@ class LLMEngine:
         positions = (layout.offsets + base).clamp_(max=model.shape.max_position - 1)
         return _Block(draft, layout, embeds, positions, base, cap, warm)
 
-    def _fit(self, seq: Sequence, cap: int) -> tuple[int, bool]:
+    def _fit(self, seq: Sequence, cap: int, context: list[int]) -> tuple[int, bool]:
         """Most draft nodes, and whether mask/lookahead rows fit, in a block of `cap` rows."""
         spec = seq.spec
         max_nodes = max(0, seq.remaining - 1)
         if cap >= self._block_rows(seq):
             return max_nodes, True
+        if spec.method == "hybrid" and seq.proposer.chains(context):
+            # Short of room, a copied chain is worth its rows far more often than mask guesses,
+            # which would also double every row: the chain takes the whole share, without masks.
+            return min(max_nodes, cap - 1), False
         if spec.method in ("esp", "hybrid"):
             per_row = spec.num_masks + 1
             if cap >= 2 * per_row:  # room for the root's masks and at least one masked node

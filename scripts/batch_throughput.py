@@ -1,15 +1,22 @@
-"""Aggregate throughput: the same prompts with 1, 4, 8 ... requests in flight, with and without speculation.
+"""Aggregate throughput with and without speculation, c requests in flight, repeated and interleaved.
 
-    python scripts/batch_throughput.py [--concurrency 1,4,8] [--max-new-tokens 64] [--methods pld:bc10,esp:bc30]
+    python scripts/batch_throughput.py [--concurrency 1,2,4,8,16,32] [--max-new-tokens 64] \\
+        [--methods pld:bc10,hybrid:bc30,esp:bc30] [--repeats 3] [--json out/batch.json]
 
-Engine-level (no HTTP): measures what batching the forward pass buys before the server's own
-overheads. Prompts: the first turn of Spec-Bench questions, spread over categories.
+Engine-level (no HTTP), one engine configured as esp-serve configures its own (load-adaptive
+speculation, prefix caching), so the tuner's state carries from level to level as in a server.
+At each level the same prompts run once untimed (so every configuration then finds the same
+prompts in the prefix cache), then every configuration runs `--repeats` times, interleaved and in
+a rotating order, so that drift in the machine's speed touches all alike. Reported per level and
+method: mean output tokens/s, and the ratio to `ar` of the same round (mean, min, max).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -25,31 +32,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-prompts", type=int, default=16, help="every level runs the same prompts")
-    parser.add_argument("--methods", default="pld:bc10,hybrid:bc10,esp:bc30")
-    parser.add_argument("--max-rows-per-step", type=int, default=None)
-    parser.add_argument("--load-adaptive", action=argparse.BooleanOptionalAction, default=True,
-                        help="speculative methods size their trees from measured step cost (as esp-serve does)")
+    parser.add_argument("--num-prompts", type=int, default=0,
+                        help="prompts per run (default: 2 x concurrency, at least 13), round robin over the categories")
+    parser.add_argument("--methods", default="pld:bc10,hybrid:bc30,esp:bc30")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--load-adaptive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
     questions = [json.loads(line) for line in open(args.prompts) if line.strip()]
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q.get("category", ""), []).append(q)
+    # Round robin over the categories: any first k prompts spread over all of them.
+    spread = [q for i in range(max(map(len, by_category.values()))) for qs in by_category.values() if i < len(qs)
+              for q in [qs[i]]]
     prompts = []
-    for q in questions[:: max(1, len(questions) // 32)]:
+    for q in spread[:64]:
         ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}],
                                                    add_generation_prompt=True, tokenize=True)
         prompts.append(list(ids["input_ids"] if not isinstance(ids, list) else ids))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
-    plain = LLMEngine(loaded)
-    adaptive = LLMEngine(loaded, scheduler_config=SchedulerConfig(
-        load_adaptive=args.load_adaptive, max_rows_per_step=args.max_rows_per_step))
-    for engine in (plain, adaptive):
-        engine.generate(prompts[0], SamplingParams(max_new_tokens=8), SpecConfig(method="ar"))  # warm up
+    engine = LLMEngine(loaded, scheduler_config=SchedulerConfig(load_adaptive=args.load_adaptive,
+                                                                enable_prefix_caching=True))
+    engine.generate(prompts[0], SamplingParams(max_new_tokens=8), SpecConfig(method="ar"))  # warm up
 
-    def run(engine: LLMEngine, spec: SpecConfig, concurrency: int) -> float:
-        """Tokens/s over all prompts with `concurrency` requests kept in flight."""
-        queue = list(prompts[: args.num_prompts])
+    def run(spec: SpecConfig, batch: list[list[int]], concurrency: int) -> float:
+        """Output tokens/s over `batch` with `concurrency` requests kept in flight."""
+        queue = list(batch)
         start = time.perf_counter()
         tokens = 0
         while queue or engine.has_unfinished():
@@ -58,18 +70,36 @@ def main() -> None:
             tokens += sum(len(out.new_token_ids) for out in engine.step())
         return tokens / (time.perf_counter() - start)
 
-    ar = SpecConfig(method="ar")
-    solo = run(plain, ar, 1)
-    print(f"{args.num_prompts} prompts, {args.max_new_tokens} tokens each; ar one at a time: {solo:.1f} tok/s")
-    print("| concurrency | method | tok/s | vs ar one at a time | vs ar at this concurrency |")
-    print("|---:|---|---:|---:|---:|")
+    configs = [("ar", SpecConfig(method="ar"))]
+    for item in args.methods.split(","):
+        method, _, preset = item.partition(":")
+        configs.append((item, SpecConfig.from_preset(method, preset or None)))
+    levels = []
+    print(f"{args.max_new_tokens} tokens per request, {args.repeats} interleaved rounds per level")
+    print("| concurrency | prompts | method | tok/s (mean) | vs ar (mean) | vs ar (min-max) |")
+    print("|---:|---:|---|---:|---:|---:|")
     for n in (int(c) for c in args.concurrency.split(",")):
-        base = run(plain, ar, n)
-        print(f"| {n} | ar | {base:.1f} | {base / solo:.2f}x | 1.00x |", flush=True)
-        for item in args.methods.split(","):
-            method, _, preset = item.partition(":")
-            rate = run(adaptive, SpecConfig.from_preset(method, preset or None), n)
-            print(f"| {n} | {item} | {rate:.1f} | {rate / solo:.2f}x | {rate / base:.2f}x |", flush=True)
+        batch = prompts[: args.num_prompts or max(13, 2 * n)]
+        run(configs[0][1], batch, n)  # untimed: fills the prefix cache with these prompts
+        rates: dict[str, list[float]] = {name: [] for name, _ in configs}
+        for r in range(args.repeats):
+            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            for name, spec in order:
+                rates[name].append(run(spec, batch, n))
+        level = {"concurrency": n, "prompts": len(batch), "methods": {}}
+        for name, _ in configs:
+            ratios = [x / a for x, a in zip(rates[name], rates["ar"])]
+            level["methods"][name] = {"tokens_per_s": rates[name], "ratio_to_ar": ratios}
+            print(f"| {n} | {len(batch)} | {name} | {statistics.mean(rates[name]):.1f} | "
+                  f"{statistics.mean(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |", flush=True)
+        levels.append(level)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps({
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "levels": levels,
+        }, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -19,18 +19,31 @@ class HybridProposer(EspProposer):
     def __init__(self, model, spec: SpecConfig, tuner=None) -> None:
         super().__init__(model, spec, tuner)
         self.pld = PldProposer(model, spec)
+        self._chains: tuple[int, list[list[int]]] = (-1, [])  # (context length, its chains)
+
+    @property
+    def has_guesses(self) -> bool:
+        """Always: the PLD half drafts from the context alone, so every pass counts for the tuner,
+        those without ESP guesses too."""
+        return True
+
+    def chains(self, context: list[int]) -> list[list[int]]:
+        """PLD's chains for this context (asked by the engine, then by `propose`, once per step)."""
+        if self._chains[0] != len(context):
+            self._chains = (len(context), self.pld.chains(context))
+        return self._chains[1]
 
     def propose(self, context: list[int], max_nodes: int, extras: bool = True) -> Draft:
         budget = min(self.spec.esp_node_budget, max_nodes)
         # ESP's reserve only when it has guesses (none after a pass the engine ran without masks).
-        reserve = self.spec.hybrid_min_esp_nodes if self.has_guesses else 0
+        reserve = self.spec.hybrid_min_esp_nodes if self.mask_logprobs is not None else 0
         # The reserve comes out of the configured budget, not out of a cap the engine sets for
         # this step (few tokens left, a full batch): under a cap the chain, which accepts far
         # more often than a mask guess, is drafted first, so hybrid never drafts less of it than PLD.
         chain_budget = min(max(0, self.spec.esp_node_budget - reserve), max_nodes)
         tree = DraftTree()
         if chain_budget:
-            for chain in self.pld.chains(context):
+            for chain in self.chains(context):
                 tree.add_chain(0, chain, budget=chain_budget)
         insert_candidates(tree, self.esp_candidates(context[-1], budget), budget)
         return self._draft(tree, extras)

@@ -165,3 +165,15 @@ def test_a_row_cap_shrinks_trees_as_the_batch_grows_and_stays_lossless(tiny):
             if out.step is not None and len(outs) == 3:
                 assert out.step.block_rows <= 12 // 3  # each sequence's share of the cap
     assert all(received[i] == expected for i in ids)
+
+
+def test_hybrid_short_of_rows_gives_them_all_to_its_chain_without_masks(tiny):
+    engine = LLMEngine(tiny)
+    req = engine.add_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], SamplingParams(max_new_tokens=30),
+                             SpecConfig.from_preset("hybrid", "bc30"))
+    seq = engine.sequences[req]
+    matching = seq.context  # "1 2 3" occurred before: PLD has a chain
+    assert engine._fit(seq, 8, matching) == (7, False)  # the chain takes all 8 rows, no masks
+    assert engine._fit(seq, 30, matching) == (29, True)  # room for the whole block: masks as usual
+    fresh = [5, 9, 2, 7]  # no earlier occurrence of its suffix: ESP's masked tree
+    assert engine._fit(seq, 8, fresh) == (3, True)

@@ -211,6 +211,29 @@ def test_load_tuner_tries_untested_shares_only_at_small_batches():
     assert fresh.choose(["pld"] * 8, [16] * 8) == 16  # once measured, it pays at any batch
 
 
+def test_load_tuner_speculates_at_large_batches_only_when_clearly_ahead():
+    for gain, expected in ((1.05, 1), (1.3, 2)):
+        tuner = LoadTuner(FLAT)
+        for _ in range(200):
+            tuner.record("pld", 2, gain, rows=2)
+        assert tuner.choose(["pld"], [2]) == 2  # alone, any predicted gain is taken
+        # Eight at once: a 5% predicted gain is within the cost model's error, so plain decoding.
+        assert tuner.choose(["pld"] * 8, [2] * 8) == expected
+
+
+def test_load_tuner_corrects_its_cost_model_from_measured_passes():
+    tuner = LoadTuner(FLAT)
+    for _ in range(200):
+        tuner.record("pld", 4, 1.5, rows=4)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # modelled: 1.5x the tokens for free rows
+    for _ in range(5):  # measured: speculative passes of eight take twice what the model says
+        tuner.observe_pass(8, 32, True, 2 * FLAT.batch_cost(32, 8))
+        tuner.observe_pass(8, 8, False, FLAT.batch_cost(8, 8))
+    assert tuner.correction(True, 8) > 1.8 and tuner.correction(False, 8) == pytest.approx(1.0)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 1
+    assert tuner.choose(["pld"], [4]) > 1  # one sequence alone: another batch size, still as modelled
+
+
 def test_load_adaptive_engine_stays_lossless(tiny):
     prompts = _prompts(4, seed=5)
     sampling = SamplingParams(max_new_tokens=25, ignore_eos=True)
