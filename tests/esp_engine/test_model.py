@@ -1,0 +1,45 @@
+"""The engine's own forward pass (fused projections, packed linears, fused RMSNorm, its KV cache)
+computes what transformers computes for the same checkpoint."""
+
+import pytest
+import torch
+
+from esp_engine.config import SamplingParams, SpecConfig
+from esp_engine.kv_cache import KVCache
+from tests.conftest import chat_ids
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smol.source, dtype=torch.float32).eval()
+
+
+def _logits(loaded, ids: list[int]) -> torch.Tensor:
+    m, s = loaded.model, loaded.model.shape
+    cache = KVCache.standalone(s.num_layers, s.num_kv_heads, s.head_dim, len(ids) + 8, m.dtype, m.device)
+    half = len(ids) // 2  # two calls: the second attends to the cache the first wrote
+    first = m(cache, m.embed(torch.tensor(ids[:half])), torch.arange(half), None)
+    second = m(cache, m.embed(torch.tensor(ids[half:])), torch.arange(half, len(ids)), None)
+    return m.logits(torch.cat([first, second]))
+
+
+def test_logits_match_transformers(smol, hf_smol):
+    ids = chat_ids(smol.tokenizer, "Name three rivers in Europe and say which is longest.")
+    with torch.inference_mode():
+        theirs = hf_smol(torch.tensor([ids])).logits[0].float()
+    ours = _logits(smol, ids)
+    assert torch.allclose(ours, theirs, atol=2e-3, rtol=0), (ours - theirs).abs().max()
+
+
+def test_greedy_output_matches_transformers_generate(smol, smol_engine, hf_smol):
+    for text in ["What is the capital of Italy?", "Write a haiku about snow.", "List three prime numbers."]:
+        ids = chat_ids(smol.tokenizer, text)
+        with torch.inference_mode():
+            out = hf_smol.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0,
+                                   temperature=None, top_p=None, top_k=None)
+        theirs = out[0, len(ids):].tolist()
+        ours = smol_engine.generate(ids, SamplingParams(max_new_tokens=16, ignore_eos=True), SpecConfig(method="ar"))
+        assert ours.output_ids == theirs
