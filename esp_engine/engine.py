@@ -438,6 +438,8 @@ class LLMEngine:
         max_nodes = max(0, seq.remaining - 1)
         if cap >= self._block_rows(seq):
             return max_nodes, True
+        if cap <= 1:  # plain decoding this pass: no draft, no search for one (a full batch pays it per sequence)
+            return 0, False
         if spec.method == "hybrid" and seq.proposer.chains(context):
             # Short of room, a copied chain is worth its rows far more often than mask guesses,
             # which would also double every row: the chain takes the whole share, without masks.

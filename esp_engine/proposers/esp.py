@@ -93,11 +93,29 @@ class EspProposer(Proposer):
         self.num_masks = spec.num_masks
         self.num_prefill_masks = spec.num_masks
         self.lam = spec.ema_lambda
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        # Committed tokens not yet folded into `mask`: the update waits until a mask row is
+        # needed, so passes the load tuner runs without masks (a full batch) pay nothing for it.
+        self._pending: list[int] = []
         self.mask_logprobs: torch.Tensor | None = None  # [k, V]
 
     def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
-        self.mask = prompt_embeds.float().mean(dim=0)
+        self._mask = prompt_embeds.float().mean(dim=0)
+        self._pending = []
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The mask embedding `m`, with every committed token applied."""
+        self._fold_pending()
+        return self._mask
+
+    def _fold_pending(self) -> None:
+        if not self._pending or self._mask is None:
+            return
+        embeds = self.model.embed(torch.tensor(self._pending, device=self.model.device)).float()
+        self._pending = []
+        for e in embeds:  # once per token, in order: the same arithmetic as applying each at once
+            self._mask.add_(e - self._mask, alpha=self.lam)
 
     def mask_embedding(self) -> torch.Tensor:
         return self.mask.to(self.model.dtype)
@@ -112,9 +130,9 @@ class EspProposer(Proposer):
     def on_commit(self, token_ids: list[int]) -> None:
         if not token_ids or self.lam == 0.0:
             return
-        embeds = self.model.embed(torch.tensor(token_ids, device=self.model.device)).float()
-        for e in embeds:  # applied once per token, in order
-            self.mask.add_(e - self.mask, alpha=self.lam)
+        self._pending.extend(token_ids)
+        if len(self._pending) >= 256:  # keep the list short
+            self._fold_pending()
 
     def esp_candidates(self, root: int, budget: int) -> list[Candidate]:
         if self.mask_logprobs is None or budget <= 0:
