@@ -119,5 +119,7 @@ def test_batching_flags_reach_the_settings_and_bad_ones_are_refused(capsys) -> N
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory) == (8, 256, 0.5)
     assert (args.block_size, args.max_rows_per_step, args.load_adaptive) == (32, 40, False)
     assert parse_args([]).load_adaptive is True
+    assert parse_args([]).enable_prefix_caching is True
+    assert parse_args(["--no-enable-prefix-caching"]).enable_prefix_caching is False
     assert main(["--max-num-seqs", "16", "--max-num-batched-tokens", "8"]) == 2  # before any model loads
     assert "max_num_batched_tokens" in capsys.readouterr().err
