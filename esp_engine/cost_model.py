@@ -163,10 +163,17 @@ class LoadTuner:
     # bookkeeping), and a wrong choice there slows every sequence at once.
     margin: float = 0.1
     correction_decay: float = 0.9  # per observed pass: the last ten or so passes of a kind count
+    # Above `explore_batch` the model's word is not enough: what speculative passes really gained
+    # over plain ones is measured per batch bucket, and a measured loss stops speculation there,
+    # re-checked once every `probe_every` passes (acceptance drifts with the requests in flight).
+    probe_every: int = 32
+    gain_decay: float = 0.7  # per speculative pass: the last three or so count
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
     _rows: dict[tuple[str, int], float] = field(default_factory=dict)
     _weight: dict[tuple[str, int], float] = field(default_factory=dict)
     _correction: dict[tuple[bool, int], float] = field(default_factory=dict)  # measured / modelled time
+    _gain: dict[int, float] = field(default_factory=dict)  # batch bucket -> measured speedup of speculation
+    _since_probe: dict[int, int] = field(default_factory=dict)  # batch bucket -> passes since speculation
 
     @staticmethod
     def _batch_bucket(num_sequences: int) -> int:
@@ -174,19 +181,42 @@ class LoadTuner:
         return max(0, num_sequences - 1).bit_length()
 
     def correction(self, speculative: bool, num_sequences: int) -> float:
-        """How much longer passes of this kind really took than the start-up model says."""
-        return self._correction.get((speculative, self._batch_bucket(num_sequences)), 1.0)
+        """How much longer passes of this kind really took than the start-up model says. Until a
+        speculative pass of this batch size has run, the plain passes' error stands in for it: the
+        model is off for both alike (per-sequence work it does not count), and an unmeasured kind
+        must not look cheaper than a measured one."""
+        bucket = self._batch_bucket(num_sequences)
+        plain = self._correction.get((False, bucket), 1.0)
+        return self._correction.get((True, bucket), plain) if speculative else plain
 
-    def observe_pass(self, num_sequences: int, num_rows: int, speculative: bool, seconds: float) -> None:
-        """A decode pass as it ran: the model's error for passes of this kind and batch is
-        learnt, so that choices correct themselves within a few passes where the model is wrong."""
+    def measured_gain(self, num_sequences: int) -> float | None:
+        """Tokens per second of recent speculative passes of this batch size over what plain
+        passes of the same size deliver; None until one has run."""
+        return self._gain.get(self._batch_bucket(num_sequences))
+
+    def observe_pass(self, num_sequences: int, num_rows: int, speculative: bool, seconds: float,
+                     tokens: int | None = None) -> None:
+        """A decode pass as it ran (`tokens`: what it committed): the model's error for passes of
+        this kind and batch is learnt, so that choices correct themselves within a few passes where
+        the model is wrong, and so is what speculation really gained at this batch size."""
         modelled = self.costs.batch_cost(num_rows, num_sequences)
         if modelled <= 0 or seconds <= 0:
             return
-        key = (speculative, self._batch_bucket(num_sequences))
+        bucket = self._batch_bucket(num_sequences)
+        key = (speculative, bucket)
         old = self._correction.get(key)
         ratio = seconds / modelled
         self._correction[key] = ratio if old is None else old * self.correction_decay + ratio * (1 - self.correction_decay)
+        if not speculative:
+            self._since_probe[bucket] = self._since_probe.get(bucket, 0) + 1
+        elif tokens is not None and (False, bucket) in self._correction:
+            # A plain pass of these sequences would commit one token each in the time measured
+            # for plain passes of this size.
+            plain_seconds = self.costs.batch_cost(num_sequences, num_sequences) * self.correction(False, num_sequences)
+            gain = (tokens / seconds) / (num_sequences / plain_seconds)
+            old_gain = self._gain.get(bucket)
+            self._gain[bucket] = gain if old_gain is None else old_gain * self.gain_decay + gain * (1 - self.gain_decay)
+            self._since_probe[bucket] = 0
 
     @staticmethod
     def prior(share: int) -> float:
@@ -228,7 +258,15 @@ class LoadTuner:
                 plain_rate = rate
             if rate > best_rate * (1 + 1e-9) and (share == 1 or rate > plain_rate * (1 + margin)):
                 best_share, best_rate = share, rate
+        if best_share > 1 and not explore and self._measured_loss(len(caps)):
+            return 1
         return best_share
+
+    def _measured_loss(self, num_sequences: int) -> bool:
+        """Speculation lost at this batch size when last measured, and no re-check is due."""
+        gain = self.measured_gain(num_sequences)
+        bucket = self._batch_bucket(num_sequences)
+        return gain is not None and gain < 1.0 and self._since_probe.get(bucket, 0) < self.probe_every
 
     def record(self, method: str, share: int, tokens: int, rows: int | None = None) -> None:
         if method == "ar" or share <= 1:

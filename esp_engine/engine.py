@@ -253,8 +253,9 @@ class LLMEngine:
         if self.load_tuner is not None and plan.share is not None and plan.decode and not plan.prefill:
             # Decode-only passes teach the tuner how far its cost model is off (prefill chunks
             # would blur it: their attention grows with the prompt).
+            committed = sum(out.step.num_committed for out in outputs if out.step is not None)
             self.load_tuner.observe_pass(len(plan.decode), self._pass_rows, self._pass_speculative,
-                                         time.perf_counter() - start)
+                                         time.perf_counter() - start, committed)
         for out in outputs:
             if out.finished:
                 seq = self.sequences.pop(out.req_id, None)

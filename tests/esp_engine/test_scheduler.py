@@ -234,6 +234,35 @@ def test_load_tuner_corrects_its_cost_model_from_measured_passes():
     assert tuner.choose(["pld"], [4]) > 1  # one sequence alone: another batch size, still as modelled
 
 
+def test_load_tuner_counts_an_unmeasured_speculative_pass_as_slow_as_measured_plain_ones():
+    tuner = LoadTuner(FLAT)
+    for _ in range(5):
+        tuner.observe_pass(16, 16, False, 1.4 * FLAT.batch_cost(16, 16))
+    assert tuner.correction(False, 16) == pytest.approx(1.4)
+    assert tuner.correction(True, 16) == pytest.approx(1.4)
+
+
+def test_load_tuner_stops_speculating_where_it_measured_a_loss_and_rechecks_later():
+    tuner = LoadTuner(FLAT)
+    for _ in range(200):
+        tuner.record("pld", 4, 1.5, rows=4)
+    plain = FLAT.batch_cost(8, 8)
+    tuner.observe_pass(8, 8, False, plain)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # the model predicts 1.5x
+    # Measured: speculative passes of eight commit 9 tokens in the time plain ones commit 8 in
+    # 0.8 of it, i.e. 0.9x; whatever the model says, plain decoding it is.
+    tuner.observe_pass(8, 32, True, plain / 0.8, tokens=9)
+    assert tuner.measured_gain(8) == pytest.approx(0.9)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 1
+    assert tuner.choose(["pld"], [4]) > 1  # alone: another batch size, nothing measured there
+    for _ in range(tuner.probe_every):
+        tuner.observe_pass(8, 8, False, plain)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # a re-check is due
+    tuner.observe_pass(8, 32, True, plain, tokens=12)  # this time speculation paid: 1.5x
+    assert tuner.measured_gain(8) > 1.0
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4
+
+
 def test_load_adaptive_engine_stays_lossless(tiny):
     prompts = _prompts(4, seed=5)
     sampling = SamplingParams(max_new_tokens=25, ignore_eos=True)
