@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esp-serve", description=__doc__)
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="embedded model name, local Hugging Face directory or cached hub id")
-    p.add_argument("--method", default="esp", choices=METHODS, help="default speculative method ('ar' = off)")
+    p.add_argument("--method", default="hybrid", choices=METHODS,
+                   help="default speculative method ('ar' = off; hybrid = ESP masks and PLD chains in one tree)")
     p.add_argument("--preset", default="bc30", help=f"block-complexity preset ({', '.join(PRESETS)})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")

@@ -53,7 +53,7 @@ _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 @dataclass
 class ServerSettings:
     model: str = "smollm2-135m-instruct"
-    method: str = "esp"
+    method: str = "hybrid"  # the best tau in every Spec-Bench category (docs/benchmarks.md)
     preset: str = "bc30"
     dtype: str | None = None
     device: str | None = None
