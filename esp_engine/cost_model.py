@@ -258,15 +258,22 @@ class LoadTuner:
                 plain_rate = rate
             if rate > best_rate * (1 + 1e-9) and (share == 1 or rate > plain_rate * (1 + margin)):
                 best_share, best_rate = share, rate
-        if best_share > 1 and not explore and self._measured_loss(len(caps)):
+        if best_share > 1 and not explore and not self._may_speculate(len(caps)):
             return 1
         return best_share
 
-    def _measured_loss(self, num_sequences: int) -> bool:
-        """Speculation lost at this batch size when last measured, and no re-check is due."""
+    def _may_speculate(self, num_sequences: int) -> bool:
+        """No loss measured at this batch size, or a re-check is due (then the next one is due
+        `probe_every` plain passes later, even if this pass, riding with a prefill chunk, goes
+        unmeasured)."""
         gain = self.measured_gain(num_sequences)
+        if gain is None or gain >= 1.0:
+            return True
         bucket = self._batch_bucket(num_sequences)
-        return gain is not None and gain < 1.0 and self._since_probe.get(bucket, 0) < self.probe_every
+        if self._since_probe.get(bucket, 0) < self.probe_every:
+            return False
+        self._since_probe[bucket] = 0
+        return True
 
     def record(self, method: str, share: int, tokens: int, rows: int | None = None) -> None:
         if method == "ar" or share <= 1:

@@ -257,7 +257,11 @@ def test_load_tuner_stops_speculating_where_it_measured_a_loss_and_rechecks_late
     assert tuner.choose(["pld"], [4]) > 1  # alone: another batch size, nothing measured there
     for _ in range(tuner.probe_every):
         tuner.observe_pass(8, 8, False, plain)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # a re-check is due
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # a re-check is due ...
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 1  # ... once, even if that pass went unmeasured
+    for _ in range(tuner.probe_every):
+        tuner.observe_pass(8, 8, False, plain)
+    assert tuner.choose(["pld"] * 8, [4] * 8) == 4
     tuner.observe_pass(8, 32, True, plain, tokens=12)  # this time speculation paid: 1.5x
     assert tuner.measured_gain(8) > 1.0
     assert tuner.choose(["pld"] * 8, [4] * 8) == 4
