@@ -166,7 +166,7 @@ class LoadTuner:
     # Above `explore_batch` the model's word is not enough: what speculative passes really gained
     # over plain ones is measured per batch bucket, and a measured loss stops speculation there,
     # re-checked once every `probe_every` passes (acceptance drifts with the requests in flight).
-    probe_every: int = 32
+    probe_every: int = 32  # (also: at small batches, the longest run of plain passes without a try)
     gain_decay: float = 0.7  # per speculative pass: the last three or so count
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
     _rows: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -174,6 +174,7 @@ class LoadTuner:
     _correction: dict[tuple[bool, int], float] = field(default_factory=dict)  # measured / modelled time
     _gain: dict[int, float] = field(default_factory=dict)  # batch bucket -> measured speedup of speculation
     _since_probe: dict[int, int] = field(default_factory=dict)  # batch bucket -> passes since speculation
+    _plain_streak: int = 0  # plain passes chosen in a row at small batches
 
     @staticmethod
     def _batch_bucket(num_sequences: int) -> int:
@@ -232,6 +233,12 @@ class LoadTuner:
         prior = self.prior(share) if explore else 1.0
         return (self._tokens.get(key, 0.0) + prior * self.prior_weight) / (w + self.prior_weight)
 
+    def pays_alone(self, method: str, share: int) -> bool:
+        """Whether `share` rows of `method` commit more tokens per second than one plain row, for
+        one sequence by itself (exploring: an untried share is given its optimistic prior)."""
+        rows = max(1, round(self.expected_rows(method, share)))
+        return self.expected(method, share) / self.costs.cost(rows) > 1.0 / self.costs.cost(1)
+
     def expected_rows(self, method: str, share: int) -> float:
         """Rows it really uses: n-gram methods often draft less than their share, or nothing."""
         if method == "ar" or share <= 1:
@@ -249,6 +256,7 @@ class LoadTuner:
         explore = len(caps) <= self.explore_batch
         margin = 0.0 if explore else self.margin
         best_share, best_rate, plain_rate = 1, 0.0, 0.0
+        runner_up, runner_up_rate = 1, 0.0  # the best share above 1
         for share in [s for s in SHARES if s < top] + [top]:
             rows = sum(self.expected_rows(m, min(share, cap)) for m, cap in zip(methods, caps)) + extra_rows
             tokens = sum(self.expected(m, min(share, cap), explore) for m, cap in zip(methods, caps))
@@ -256,10 +264,20 @@ class LoadTuner:
             rate = tokens / (self.costs.batch_cost(round(rows), n) * self.correction(share > 1, n))
             if share == 1:
                 plain_rate = rate
+            elif rate > runner_up_rate:
+                runner_up, runner_up_rate = share, rate
             if rate > best_rate * (1 + 1e-9) and (share == 1 or rate > plain_rate * (1 + margin)):
                 best_share, best_rate = share, rate
         if best_share > 1 and not explore and not self._may_speculate(len(caps)):
             return 1
+        if explore and runner_up > 1:
+            # A small batch never settles on plain decoding for good: a share's record may come
+            # from text that had nothing to copy or guess (PLD drafts nothing there, so a share
+            # only ties with plain decoding), and without a pass now and then it is never revised.
+            self._plain_streak = 0 if best_share > 1 else self._plain_streak + 1
+            if self._plain_streak > self.probe_every:
+                self._plain_streak = 0
+                return runner_up
         return best_share
 
     def _may_speculate(self, num_sequences: int) -> bool:

@@ -36,6 +36,7 @@ from .verifier import Verdict, verify
 log = logging.getLogger(__name__)
 
 _MAX_SLACK = 256  # KV rows a decode block and prefill masks may add beyond the context, at most
+_HYBRID_MASKS = "hybrid-masks"  # the load tuner's name for hybrid's drafts of ESP masks alone
 _PROPOSERS = {"ar": None, "esp": EspProposer, "pld": PldProposer, "lade": LadeProposer, "hybrid": HybridProposer}
 
 
@@ -447,13 +448,19 @@ class LLMEngine:
             return min(max_nodes, cap - 1), False
         if spec.method in ("esp", "hybrid"):
             per_row = spec.num_masks + 1
-            if cap >= 2 * per_row:  # room for the root's masks and at least one masked node
+            # Room for the root's masks and at least one masked node; hybrid without a chain spends
+            # rows on masks only where they were seen to pay (on a CPU they rarely do).
+            if cap >= 2 * per_row and (spec.method == "esp" or self._masks_pay(cap)):
                 return min(max_nodes, cap // per_row - 1), True
         if spec.method == "lade":
             window = (spec.lade_level - 1) * spec.lade_window
             if cap > window + 1:
                 return min(max_nodes, cap - 1 - window), True
         return min(max_nodes, cap - 1), False
+
+    def _masks_pay(self, cap: int) -> bool:
+        tuner = self.load_tuner
+        return tuner is None or tuner.pays_alone(_HYBRID_MASKS, cap)
 
     def _finish_block(self, piece: "_Piece", share: int | None) -> RequestOutput:
         """The proposer learns from the pass; the accepted tokens are committed."""
@@ -476,6 +483,10 @@ class LLMEngine:
         stats.num_decode_tokens += step.num_committed
         if share is not None and self.load_tuner is not None and block.warm:
             self.load_tuner.record(seq.spec.method, block.cap, step.num_committed, layout.num_rows)
+            if seq.spec.method == "hybrid" and draft.num_masks and block.cap < self._block_rows(seq):
+                # Hybrid's mask-only drafts under a cap, learnt apart: whether they pay decides
+                # whether the next ones are drafted at all (`_fit`).
+                self.load_tuner.record(_HYBRID_MASKS, block.cap, step.num_committed, layout.num_rows)
         return out
 
     def _commit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None, step: StepStats | None) -> RequestOutput:

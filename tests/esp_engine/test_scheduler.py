@@ -267,6 +267,45 @@ def test_load_tuner_stops_speculating_where_it_measured_a_loss_and_rechecks_late
     assert tuner.choose(["pld"] * 8, [4] * 8) == 4
 
 
+def test_load_tuner_at_small_batches_tries_its_best_share_again_after_a_run_of_plain_passes():
+    # Early requests whose drafts were all rejected (text with nothing to copy or guess): every
+    # share recorded one token for two rows, and plain decoding would otherwise be chosen for ever.
+    tuner = LoadTuner(STEEP)
+    for share in (2, 3, 4, 6, 8, 12, 16):
+        for _ in range(200):
+            tuner.record("pld", share, 1, rows=2)
+    choices = [tuner.choose(["pld"], [16]) for _ in range(2 * (tuner.probe_every + 1))]
+    assert choices.count(1) == len(choices) - 2 and all(c > 1 for c in choices if c != 1)
+    assert [tuner.choose(["pld"] * 8, [16] * 8) for _ in range(100)] == [1] * 100  # never at a big batch
+
+
+def test_load_tuner_says_whether_a_share_pays_for_one_sequence_alone():
+    tuner = LoadTuner(STEEP)
+    assert tuner.pays_alone("hybrid-masks", 8)  # untried: its optimistic prior
+    for _ in range(50):
+        tuner.record("hybrid-masks", 8, 1.1, rows=8)  # 10% more tokens for 30% more time
+    assert not tuner.pays_alone("hybrid-masks", 8)
+    flat = LoadTuner(FLAT)
+    for _ in range(50):
+        flat.record("hybrid-masks", 8, 1.1, rows=8)  # rows cost nothing: any gain pays
+    assert flat.pays_alone("hybrid-masks", 8)
+
+
+def test_hybrid_under_a_cap_without_a_chain_drafts_masks_only_where_they_paid(tiny):
+    engine = LLMEngine(tiny, scheduler_config=SchedulerConfig(load_adaptive=True))
+    engine.load_tuner.costs = STEEP
+    req = engine.add_request(list(range(12)), SamplingParams(max_new_tokens=20), SpecConfig.from_preset("hybrid", "bc30"))
+    seq = engine.sequences[req]
+    context = seq.context
+    assert not seq.proposer.chains(context)  # twelve distinct tokens: nothing to copy
+    assert engine._fit(seq, 8, context)[1]  # nothing known yet: masks get their try
+    for _ in range(50):
+        engine.load_tuner.record("hybrid-masks", 8, 1.1, rows=8)
+    assert not engine._fit(seq, 8, context)[1]  # seen not to pay: no mask rows
+    assert engine._fit(seq, 30, context)[1]  # the whole preset is not a cap: the full tree, masks included
+    engine.abort_request(req)
+
+
 def test_load_adaptive_engine_stays_lossless(tiny):
     prompts = _prompts(4, seed=5)
     sampling = SamplingParams(max_new_tokens=25, ignore_eos=True)
