@@ -167,6 +167,9 @@ class LoadTuner:
     # over plain ones is measured per batch bucket, and a measured loss stops speculation there,
     # re-checked once every `probe_every` passes (acceptance drifts with the requests in flight).
     probe_every: int = 32  # (also: at small batches, the longest run of plain passes without a try)
+    # Each re-check that finds speculation still losing doubles the wait for the next, up to this:
+    # a check costs a slow pass, which at 32 passes apart is 1-2% of throughput, at 512 nothing.
+    max_probe_every: int = 512
     gain_decay: float = 0.7  # per speculative pass: the last three or so count
     _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
     _rows: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -175,6 +178,9 @@ class LoadTuner:
     _gain: dict[int, float] = field(default_factory=dict)  # batch bucket -> measured speedup of speculation
     _since_probe: dict[int, int] = field(default_factory=dict)  # batch bucket -> passes since speculation
     _plain_streak: int = 0  # plain passes chosen in a row at small batches
+    _retry_every: int = 0  # plain passes at small batches before the next try (0: `probe_every`)
+    _retried: bool = False  # the last small-batch choice was such a try
+    _probe_wait: dict[int, int] = field(default_factory=dict)  # batch bucket -> plain passes between re-checks
 
     @staticmethod
     def _batch_bucket(num_sequences: int) -> int:
@@ -218,6 +224,8 @@ class LoadTuner:
             old_gain = self._gain.get(bucket)
             self._gain[bucket] = gain if old_gain is None else old_gain * self.gain_decay + gain * (1 - self.gain_decay)
             self._since_probe[bucket] = 0
+            wait = self._probe_wait.get(bucket, self.probe_every)
+            self._probe_wait[bucket] = min(2 * wait, self.max_probe_every) if self._gain[bucket] < 1.0 else self.probe_every
 
     @staticmethod
     def prior(share: int) -> float:
@@ -271,24 +279,35 @@ class LoadTuner:
         if best_share > 1 and not explore and not self._may_speculate(len(caps)):
             return 1
         if explore and runner_up > 1:
-            # A small batch never settles on plain decoding for good: a share's record may come
-            # from text that had nothing to copy or guess (PLD drafts nothing there, so a share
-            # only ties with plain decoding), and without a pass now and then it is never revised.
-            self._plain_streak = 0 if best_share > 1 else self._plain_streak + 1
-            if self._plain_streak > self.probe_every:
-                self._plain_streak = 0
-                return runner_up
+            return self._retry_now_and_then(best_share, runner_up)
         return best_share
+
+    def _retry_now_and_then(self, best_share: int, runner_up: int) -> int:
+        """A small batch never settles on plain decoding for good: a share's record may come
+        from text that had nothing to copy or guess, and without a pass now and then it is never
+        revised. A try after which plain decoding still comes out best doubles the wait."""
+        wait = self._retry_every or self.probe_every
+        if self._retried:
+            self._retried = False
+            self._retry_every = min(2 * wait, self.max_probe_every) if best_share == 1 else self.probe_every
+        if best_share > 1:
+            self._plain_streak = 0
+            return best_share
+        self._plain_streak += 1
+        if self._plain_streak > (self._retry_every or self.probe_every):
+            self._plain_streak, self._retried = 0, True
+            return runner_up
+        return 1
 
     def _may_speculate(self, num_sequences: int) -> bool:
         """No loss measured at this batch size, or a re-check is due (then the next one is due
-        `probe_every` plain passes later, even if this pass, riding with a prefill chunk, goes
-        unmeasured)."""
+        at least `probe_every` plain passes later, even if this pass, riding with a prefill chunk,
+        goes unmeasured)."""
         gain = self.measured_gain(num_sequences)
         if gain is None or gain >= 1.0:
             return True
         bucket = self._batch_bucket(num_sequences)
-        if self._since_probe.get(bucket, 0) < self.probe_every:
+        if self._since_probe.get(bucket, 0) < self._probe_wait.get(bucket, self.probe_every):
             return False
         self._since_probe[bucket] = 0
         return True
