@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from esp_engine.chat import render_chat
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.errors import ContextLengthError, EngineError, InvalidRequestError
 
@@ -121,10 +122,9 @@ def sampling_params(req: _SamplingFields, max_new_tokens: int, logprobs: int | N
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return render_chat(tokenizer, conversation, add_generation_prompt)
     except Exception as exc:  # jinja raises for conversations the template refuses
         raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from exc
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
