@@ -141,16 +141,22 @@ class LLMEngine:
 
     def _kv_budget(self, config: SchedulerConfig) -> int:
         """The configured budget, else enough for `max_num_seqs` full-length sequences, at most
-        4 GiB on a CPU (vLLM's CPU default) or 80% of the free memory of a GPU."""
+        80% of the free memory of a GPU; on a CPU at most twice the weights (but room for one
+        full-length sequence) and never over 4 GiB (vLLM's CPU default)."""
         if config.kv_cache_bytes is not None:
             return config.kv_cache_bytes
         shape = self.model.shape
         per_slot = KVPool.slot_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.dtype)
-        enough = config.max_num_seqs * (self.loaded.max_model_len + 2 * _MAX_SLACK) * per_slot
+        one_sequence = (self.loaded.max_model_len + 2 * _MAX_SLACK) * per_slot
+        enough = config.max_num_seqs * one_sequence
         if self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
             return min(enough, int(0.8 * free))
-        return min(enough, 4 * 2**30)
+        # Traffic and the prefix cache end up touching every page of the pool, so on a CPU its size
+        # is resident memory. A step over a pool twice the weights already reads more KV than
+        # weights: more room buys little throughput, while a small model would hold gigabytes.
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return min(enough, max(2 * weights, one_sequence), 4 * 2**30)
 
     def step_costs(self) -> StepCostModel:
         if self._step_costs is None:
