@@ -14,12 +14,11 @@ method: mean output tokens/s, and the ratio to `ar` of the same round (mean, min
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import statistics
 import time
 from pathlib import Path
 
+from esp_bench.common import load_prompts, prompt_ids, round_robin, utc_now, write_json
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine
 from esp_engine.loader import load_model
@@ -42,18 +41,7 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
-    questions = [json.loads(line) for line in open(args.prompts) if line.strip()]
-    by_category: dict[str, list[dict]] = {}
-    for q in questions:
-        by_category.setdefault(q.get("category", ""), []).append(q)
-    # Round robin over the categories: any first k prompts spread over all of them.
-    spread = [q for i in range(max(map(len, by_category.values()))) for qs in by_category.values() if i < len(qs)
-              for q in [qs[i]]]
-    prompts = []
-    for q in spread[:64]:
-        ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}],
-                                                   add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if not isinstance(ids, list) else ids))
+    prompts = [prompt_ids(loaded.tokenizer, p.text) for p in round_robin(load_prompts(args.prompts))[:64]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     engine = LLMEngine(loaded, scheduler_config=SchedulerConfig(load_adaptive=args.load_adaptive,
                                                                 enable_prefix_caching=True))
@@ -63,11 +51,14 @@ def main() -> None:
         """Output tokens/s over `batch` with `concurrency` requests kept in flight."""
         queue = list(batch)
         start = time.perf_counter()
-        tokens = 0
-        while queue or engine.has_unfinished():
-            while queue and len(engine.sequences) < concurrency:
+        tokens = in_flight = 0
+        while queue or in_flight:
+            while queue and in_flight < concurrency:
                 engine.add_request(queue.pop(0), params, spec)
-            tokens += sum(len(out.new_token_ids) for out in engine.step())
+                in_flight += 1
+            for out in engine.step():
+                tokens += len(out.new_token_ids)
+                in_flight -= 1 if out.finished else 0
         return tokens / (time.perf_counter() - start)
 
     configs = [("ar", SpecConfig(method="ar"))]
@@ -94,11 +85,8 @@ def main() -> None:
                   f"{statistics.mean(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |", flush=True)
         levels.append(level)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps({
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "levels": levels,
-        }, indent=1) + "\n")
+        write_json(args.json_path, {"date": utc_now(), "max_new_tokens": args.max_new_tokens,
+                                    "repeats": args.repeats, "levels": levels})
 
 
 if __name__ == "__main__":

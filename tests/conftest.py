@@ -27,8 +27,9 @@ def smol_engine(smol):
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    from esp_engine.chat import render_chat
+
+    return render_chat(tokenizer, [{"role": "user", "content": text}])
 
 
 @pytest.fixture(scope="session")

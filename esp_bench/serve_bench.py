@@ -44,17 +44,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
-import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .bench import BenchError, Prompt, _fmt, _grid, load_prompts
+from .common import BenchError, Prompt, fmt, grid, load_prompts, utc_now, write_json
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 DEFAULT_CONCURRENCY = "1,4,16,32"
@@ -362,7 +359,7 @@ async def first_model(client: Any) -> str:
 # ---- the report ---------------------------------------------------------------------------
 def _ms(stats: dict[str, float | None], key: str) -> str:
     value = stats[key]
-    return _fmt(value * 1000 if value is not None else None, ".1f")
+    return fmt(value * 1000 if value is not None else None, ".1f")
 
 
 def format_table(levels: Sequence[dict[str, Any]]) -> str:
@@ -370,22 +367,20 @@ def format_table(levels: Sequence[dict[str, Any]]) -> str:
             "itl p50 ms", "itl p99 ms", "tpot p50 ms", "e2e p50 s", "e2e p99 s", "tau"]
     body = []
     for lv in levels:
-        body.append([str(lv["concurrency"]), str(lv["requests"]), str(lv["errors"]), _fmt(lv["duration_s"], ".2f"),
-                     _fmt(lv["requests_per_s"], ".2f"), _fmt(lv["output_tokens_per_s"], ".1f"),
+        body.append([str(lv["concurrency"]), str(lv["requests"]), str(lv["errors"]), fmt(lv["duration_s"], ".2f"),
+                     fmt(lv["requests_per_s"], ".2f"), fmt(lv["output_tokens_per_s"], ".1f"),
                      _ms(lv["ttft_s"], "p50"), _ms(lv["ttft_s"], "p99"), _ms(lv["itl_s"], "p50"),
-                     _ms(lv["itl_s"], "p99"), _ms(lv["tpot_s"], "p50"), _fmt(lv["e2e_s"]["p50"], ".2f"),
-                     _fmt(lv["e2e_s"]["p99"], ".2f"), _fmt(lv["tau"], ".2f")])
-    return _grid(head, body)
+                     _ms(lv["itl_s"], "p99"), _ms(lv["tpot_s"], "p50"), fmt(lv["e2e_s"]["p50"], ".2f"),
+                     fmt(lv["e2e_s"]["p99"], ".2f"), fmt(lv["tau"], ".2f")])
+    return grid(head, body)
 
 
 # ---- the command --------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="esp-bench serve",
-        description="Benchmark a running OpenAI-compatible server: streaming chat completions over Spec-Bench "
-                    "prompts at one or more concurrency levels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+DESCRIPTION = ("Benchmark a running OpenAI-compatible server: streaming chat completions over Spec-Bench prompts "
+               "at one or more concurrency levels.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="the server's OpenAI API base")
     p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, else $ESP_SERVE_API_KEY, else 'EMPTY'")
     p.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
@@ -407,7 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None,
                    help="a system message sent before every prompt; @FILE reads it from a file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -432,25 +426,15 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`esp-bench serve ARGS` (argv without the word `serve`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message (or --help)
-        return int(exc.code or 0)
-    try:
-        settings = settings_from_args(args)
-        prompts = load_prompts(settings.prompts, settings.per_category or None, settings.num_prompts or None)
-    except BenchError as exc:
-        print(f"esp-bench serve: error: {exc}", file=sys.stderr)
-        return 2
-
+def run(args: argparse.Namespace, command: str) -> int:
+    """Run the sweep `args` describe; `command` is recorded in the report. Raises BenchError for a
+    usage error; a failure talking to the server is reported here and returns 1."""
+    settings = settings_from_args(args)
+    prompts = load_prompts(settings.prompts, settings.per_category or None, settings.num_prompts or None)
     try:
         import openai
     except ImportError:
-        print("esp-bench serve: error: needs the openai package: pip install 'esp-serve[bench]'", file=sys.stderr)
-        return 2
+        raise BenchError("needs the openai package: pip install 'esp-serve[bench]'") from None
 
     levels: list[dict[str, Any]] = []
     model, interrupted = settings.model, False
@@ -467,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": model,
         "settings": settings.to_dict(len(prompts)),
         "levels": levels,
-        "command": shlex.join(["esp-bench", "serve", *argv]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "date": utc_now(),
     }
     print(f"{settings.base_url} model {model}, {len(prompts)} prompts per level, max_tokens {settings.max_tokens}, "
           f"temperature {settings.temperature}"
@@ -476,8 +460,5 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (" (interrupted)" if interrupted else ""))
     print(format_table(levels))
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"results written to {path}")
+        print(f"results written to {write_json(args.json_path, report)}")
     return 130 if interrupted else 0

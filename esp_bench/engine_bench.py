@@ -1,6 +1,7 @@
-"""`esp-bench`: speed and acceptance of the speculative methods on Spec-Bench prompts.
+"""`esp-bench run` (or plain `esp-bench`): speed and acceptance of the speculative methods on
+Spec-Bench prompts, in this process (no server).
 
-    esp-bench --model smollm2-135m-instruct --method ar,esp,pld:bc60 --preset bc30 \\
+    esp-bench run --model smollm2-135m-instruct --method ar,esp,pld:bc60 --preset bc30 \\
         --prompts ../shared/data/spec_bench/question.jsonl --max-new-tokens 128 \\
         --per-category 5 --check-lossless --json out.json
 
@@ -17,7 +18,7 @@ Metrics, pooled over prompts (sum over sum, not a mean of ratios):
   forward_calls model forward passes, prefill included.
   exact_match   with --check-lossless: fraction of prompts whose output ids equal plain `ar`'s.
 
-`esp-bench serve ...` is the serving benchmark (esp_engine/bench_serve.py): it drives a running
+`esp-bench serve ...` is the serving benchmark (esp_bench/serve_bench.py): it drives a running
 server over HTTP instead of loading a model.
 
 Method `hf` is an external baseline: transformers' own `model.generate()` on the same
@@ -27,26 +28,20 @@ weights (greedy, no speculation); its forward calls are its generated tokens and
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import platform
-import shlex
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .config import METHODS, SamplingParams, SpecConfig, preset_names
-from .errors import EngineError, InvalidSpecConfigError
+from esp_engine.config import METHODS, SamplingParams, SpecConfig, preset_names
+from esp_engine.errors import EngineError, InvalidSpecConfigError
+
+from .common import BenchError, Prompt, fmt, grid, load_prompts, prompt_ids, utc_now, write_json
 
 HF_METHOD = "hf"
 BENCH_METHODS = (*METHODS, HF_METHOD)
-
-
-class BenchError(Exception):
-    """A usage error: reported on stderr with exit code 2."""
 
 
 # ---- what to run --------------------------------------------------------------------------
@@ -105,56 +100,6 @@ def make_run(method: str, preset: str | None) -> RunSpec:
         raise BenchError(str(exc)) from exc
 
 
-# ---- prompts ------------------------------------------------------------------------------
-@dataclass
-class Prompt:
-    question_id: Any
-    category: str
-    text: str
-    ids: list[int] = field(default_factory=list)
-
-
-def load_prompts(path: str | os.PathLike, per_category: int | None = None, limit: int | None = None) -> list[Prompt]:
-    """Read a Spec-Bench jsonl (question_id, category, turns); keep the first turn of each."""
-    p = Path(path)
-    if not p.is_file():
-        raise BenchError(f"prompts file not found: {path}")
-    prompts: list[Prompt] = []
-    counts: dict[str, int] = {}
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-                turns = row["turns"]
-                text = turns[0] if isinstance(turns, list) else turns
-                if not isinstance(text, str):
-                    raise TypeError("the first turn is not a string")
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise BenchError(f"{path}:{lineno}: not a Spec-Bench question ({exc})") from exc
-            category = str(row.get("category", "default"))
-            if per_category and counts.get(category, 0) >= per_category:
-                continue
-            counts[category] = counts.get(category, 0) + 1
-            prompts.append(Prompt(row.get("question_id", lineno), category, text))
-    if limit:
-        prompts = prompts[:limit]
-    if not prompts:
-        raise BenchError(f"no prompts selected from {path}")
-    return prompts
-
-
-def render_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one user turn under the model's chat template (generation prompt added)."""
-    messages = [{"role": "user", "content": text}]
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text)["input_ids"])
-
-
 # ---- measurements -------------------------------------------------------------------------
 @dataclass
 class PromptResult:
@@ -201,12 +146,20 @@ class Runner:
     """Runs one RunSpec on one prompt; owns the engine and (lazily) the transformers model."""
 
     def __init__(self, loaded: Any, max_new_tokens: int) -> None:
-        from .engine import LLMEngine
+        from esp_engine.engine import LLMEngine
 
         self.loaded = loaded
         self.engine = LLMEngine(loaded)
         self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         self._hf: Any = None
+
+    def check(self, prompt: Prompt) -> None:
+        """Raise the engine's own error now for a prompt it would refuse (too long for the context
+        with max_new_tokens), not after the other prompts have run."""
+        try:
+            self.engine.abort_request(self.engine.add_request(prompt.ids, self.sampling, SpecConfig(method="ar")))
+        except EngineError as exc:
+            raise BenchError(f"question {prompt.question_id}: {exc}") from exc
 
     def run(self, run: RunSpec, prompt: Prompt) -> PromptResult:
         if run.spec is None:
@@ -273,7 +226,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -319,20 +272,16 @@ def build_report(runs: list[RunSpec], results: dict[str, list[PromptResult]], re
     return report
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(report: list[dict[str, Any]]) -> str:
     head = ["method", "preset", "tau", "tok/s", "speedup", "new tok", "fwd calls", "wall s", "exact"]
     body = []
     for entry in report:
         s = entry["summary"]
-        body.append([entry["method"], entry["preset"] or "-", _fmt(s["tau"], ".2f"), _fmt(s["tokens_per_s"], ".1f"),
-                     _fmt(s["speedup_vs_ar"], ".2f") + ("x" if s["speedup_vs_ar"] is not None else ""),
-                     str(s["new_tokens"]), str(s["forward_calls"]), _fmt(s["wall_s"], ".2f"),
-                     _fmt(s["exact_match"], ".3f")])
-    lines = [_grid(head, body)]
+        body.append([entry["method"], entry["preset"] or "-", fmt(s["tau"], ".2f"), fmt(s["tokens_per_s"], ".1f"),
+                     fmt(s["speedup_vs_ar"], ".2f") + ("x" if s["speedup_vs_ar"] is not None else ""),
+                     str(s["new_tokens"]), str(s["forward_calls"]), fmt(s["wall_s"], ".2f"),
+                     fmt(s["exact_match"], ".3f")])
+    lines = [grid(head, body)]
     categories = list(report[0]["per_category"]) if report else []
     if categories:
         head2 = ["category", "n"] + [
@@ -343,29 +292,17 @@ def format_table(report: list[dict[str, Any]]) -> str:
             row = [cat, str(report[0]["per_category"][cat]["n"])]
             for entry in report:
                 c = entry["per_category"][cat]
-                row.append(f"{_fmt(c['tau'], '.2f')} | {_fmt(c['tokens_per_s'], '.1f')}")
+                row.append(f"{fmt(c['tau'], '.2f')} | {fmt(c['tokens_per_s'], '.1f')}")
             body2.append(row)
-        lines += ["", "per category:", _grid(head2, body2)]
+        lines += ["", "per category:", grid(head2, body2)]
     return "\n".join(lines)
 
 
-def _grid(head: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
-
-
 # ---- the command --------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="esp-bench",
-        description="Benchmark speculative decoding methods (greedy) on Spec-Bench prompts.",
-        epilog="`esp-bench serve --help`: the serving benchmark against a running server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+DESCRIPTION = "Benchmark speculative decoding methods (greedy) on Spec-Bench prompts, in this process."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="embedded model name, local HF directory or cached hub id")
     p.add_argument("--method", default="esp",
@@ -383,28 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "serve":  # `esp-bench serve ...`: the serving benchmark against a running server
-        from .bench_serve import main as serve_main
-
-        return serve_main(argv[1:])
-    parser = build_parser()
+def run(args: argparse.Namespace, command: str) -> int:
+    """Run the benchmark `args` describe; `command` is recorded in the report. Raises BenchError
+    for a usage error (the engine's refusals included)."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message (or --help)
-        return int(exc.code or 0)
-    try:
-        return _bench(args, argv)
-    except (BenchError, EngineError) as exc:
-        print(f"esp-bench: error: {exc}", file=sys.stderr)
-        return 2
+        return _bench(args, command)
+    except EngineError as exc:
+        raise BenchError(str(exc)) from exc
 
 
-def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+def _bench(args: argparse.Namespace, command: str) -> int:
     if args.max_new_tokens < 1:
         raise BenchError("--max-new-tokens must be at least 1")
     if args.per_category < 0 or args.limit < 0 or args.warmup < 0:
@@ -421,16 +348,15 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from tqdm import tqdm
 
-    from .loader import load_model
+    from esp_engine.loader import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
     runner = Runner(loaded, args.max_new_tokens)
     for prompt in prompts:
-        prompt.ids = render_prompt(loaded.tokenizer, prompt.text)
-        runner.engine.validate(prompt.ids, runner.sampling)
-    command = shlex.join(["esp-bench", *argv])
+        prompt.ids = prompt_ids(loaded.tokenizer, prompt.text)
+        runner.check(prompt)
     machine = machine_info(str(loaded.device))
 
     total = len(runs) * (args.warmup + len(prompts))
@@ -438,16 +364,16 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     interrupted = False
     with tqdm(total=total, desc="esp-bench", unit="gen", file=sys.stderr, disable=args.no_progress,
               dynamic_ncols=True) as bar:
-        for run in runs:  # untimed: JIT/oneDNN packing, allocator, lazy HF load
+        for spec in runs:  # untimed: JIT/oneDNN packing, allocator, lazy HF load
             for i in range(args.warmup):
-                bar.set_postfix_str(f"warmup {run.label}")
-                runner.run(run, prompts[i % len(prompts)])
+                bar.set_postfix_str(f"warmup {spec.label}")
+                runner.run(spec, prompts[i % len(prompts)])
                 bar.update()
         try:
             for prompt in prompts:  # interleaved: every method on prompt 1, then prompt 2, ...
-                for run in runs:
-                    bar.set_postfix_str(f"{run.label} q{prompt.question_id}")
-                    results[run.label].append(runner.run(run, prompt))
+                for spec in runs:
+                    bar.set_postfix_str(f"{spec.label} q{prompt.question_id}")
+                    results[spec.label].append(runner.run(spec, prompt))
                     bar.update()
         except KeyboardInterrupt:  # report the prompts every method finished
             done = min(len(rows) for rows in results.values())
@@ -465,13 +391,5 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
           + (" (interrupted)" if interrupted else ""))
     print(format_table(report))
     if args.json_path:
-        path = Path(args.json_path)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"results written to {path}")
+        print(f"results written to {write_json(args.json_path, report)}")
     return 130 if interrupted else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

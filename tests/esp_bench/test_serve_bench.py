@@ -6,11 +6,12 @@ import asyncio
 import json
 
 import pytest
-from serverutil import API_KEY, ServerHandle
+from conftest import API_KEY
 
-from esp_engine import bench, bench_serve
-from esp_engine.bench import BenchError
-from esp_engine.bench_serve import RequestResult, counter_totals, spec_stats, summarize
+from esp_bench import serve_bench
+from esp_bench.cli import build_parser, main
+from esp_bench.common import BenchError, load_prompts
+from esp_bench.serve_bench import RequestResult, counter_totals, spec_stats, summarize
 
 PROMPTS = [
     {"question_id": 1, "category": "writing", "turns": ["Name three colors."]},
@@ -34,12 +35,12 @@ SYSTEM = ("You are a quiz assistant for a school. Answer every question in a few
           "and never add an explanation unless the student asks for one.")
 
 
-def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path, capsys):
+def test_serve_benchmark_end_to_end(server_url, prompts_file, tmp_path, capsys):
     out = tmp_path / "serve.json"
     system = tmp_path / "system.txt"
     system.write_text(SYSTEM)
-    rc = bench.main([
-        "serve", "--base-url", server.base_url + "/v1", "--api-key", API_KEY, "--prompts", str(prompts_file),
+    rc = main([
+        "serve", "--base-url", server_url + "/v1", "--api-key", API_KEY, "--prompts", str(prompts_file),
         "--max-tokens", "8", "--concurrency", "1,2", "--spec-method", "esp", "--spec-preset", "bc10",
         "--system-prompt", f"@{system}", "--no-progress", "--json", str(out),
     ])
@@ -50,12 +51,12 @@ def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path
 
     report = json.loads(out.read_text())
     assert set(report) >= {"base_url", "model", "settings", "levels"}
-    assert report["base_url"] == server.base_url + "/v1"
+    assert report["base_url"] == server_url + "/v1"
     assert report["model"] == "smollm2-135m-instruct"  # the first of /v1/models
     settings = report["settings"]
     assert settings["concurrency"] == [1, 2] and settings["num_prompts"] == 3 and settings["max_tokens"] == 8
     assert settings["spec_method"] == "esp" and settings["spec_preset"] == "bc10"
-    assert settings["metrics_url"] == server.base_url + "/metrics"
+    assert settings["metrics_url"] == server_url + "/metrics"
     assert settings["system_prompt_chars"] == len(SYSTEM)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
     for lv in report["levels"]:
@@ -76,14 +77,14 @@ def test_serve_benchmark_end_to_end(server: ServerHandle, prompts_file, tmp_path
         assert lv["counter_deltas"]["esp:forward_calls"] > 0
 
 
-def test_serve_benchmark_counts_errors(server: ServerHandle, prompts_file):
+def test_serve_benchmark_counts_errors(server_url, prompts_file):
     """A refused request (unknown spec method) is an error, not a crash; the sweep goes on."""
-    settings = bench_serve.ServeSettings(prompts=str(prompts_file), base_url=server.base_url + "/v1",
+    settings = serve_bench.ServeSettings(prompts=str(prompts_file), base_url=server_url + "/v1",
                                          api_key=API_KEY, model="smollm2-135m-instruct", max_tokens=4,
                                          concurrency=[2], spec_method="no-such-method", warmup=0)
-    prompts = bench.load_prompts(prompts_file)
+    prompts = load_prompts(prompts_file)
     levels: list[dict] = []
-    asyncio.run(bench_serve.run_benchmark(settings, prompts, levels, progress=False))
+    asyncio.run(serve_bench.run_benchmark(settings, prompts, levels, progress=False))
     (level,) = levels
     assert level["requests"] == level["errors"] == 3 and level["completed"] == 0
     assert "400" in level["error_messages"][0] or "spec_method" in level["error_messages"][0]
@@ -109,7 +110,7 @@ def test_itl_is_per_chunk_and_tpot_per_token():
     assert RequestResult(ok=True, e2e_s=0.2, chunk_times=[0.1], output_tokens=1).tpot_s is None
     assert RequestResult(ok=True, e2e_s=0.2).ttft_s is None and RequestResult(ok=True, e2e_s=0.2).itl_s == []
 
-    level = bench_serve.level_report(1, [r, RequestResult(ok=False, e2e_s=0.05, error="boom")], 1.0, None, None)
+    level = serve_bench.level_report(1, [r, RequestResult(ok=False, e2e_s=0.05, error="boom")], 1.0, None, None)
     assert level["errors"] == 1 and level["completed"] == 1 and level["requests"] == 2
     assert level["itl_s"]["mean"] == pytest.approx(0.3) and level["tokens_per_chunk"] == pytest.approx(5 / 3)
     assert level["output_tokens_per_s"] == 5.0 and level["tau"] is None and level["error_messages"] == ["boom"]
@@ -153,31 +154,38 @@ def test_tau_from_metric_deltas():
 
 # ---- the command line -----------------------------------------------------------------------
 def test_cli_parses_serve_options():
-    args = bench_serve.build_parser().parse_args(["--prompts", "q.jsonl", "--concurrency", "1,4"])
-    settings = bench_serve.settings_from_args(args)
+    args = build_parser().parse_args(["serve", "--prompts", "q.jsonl", "--concurrency", "1,4"])
+    settings = serve_bench.settings_from_args(args)
     assert settings.concurrency == [1, 4]
     assert settings.base_url == "http://127.0.0.1:8000/v1" and settings.temperature == 0.0
     assert settings.model is None and settings.extra_body() == {}
     assert settings.resolved_metrics_url() == "http://127.0.0.1:8000/metrics"
-    args = bench_serve.build_parser().parse_args(["--prompts", "q.jsonl", "--spec-method", "pld", "--spec-preset",
+    args = build_parser().parse_args(["serve", "--prompts", "q.jsonl", "--spec-method", "pld", "--spec-preset",
                                                   "bc10", "--ignore-eos", "--base-url", "http://h:1/v1/"])
-    settings = bench_serve.settings_from_args(args)
+    settings = serve_bench.settings_from_args(args)
     assert settings.extra_body() == {"spec_method": "pld", "spec_preset": "bc10", "ignore_eos": True}
     assert settings.concurrency == [1, 4, 16, 32] and settings.resolved_metrics_url() == "http://h:1/metrics"
     with pytest.raises(BenchError):
-        bench_serve.parse_concurrency("1,0")
+        serve_bench.parse_concurrency("1,0")
     with pytest.raises(BenchError):
-        bench_serve.parse_concurrency("1,x")
+        serve_bench.parse_concurrency("1,x")
 
 
-def test_cli_dispatch_and_usage_errors(prompts_file, capsys, monkeypatch):
-    seen = []
-    monkeypatch.setattr(bench_serve, "main", lambda argv: seen.append(argv) or 0)
-    assert bench.main(["serve", "--concurrency", "1,4"]) == 0
-    assert seen == [["--concurrency", "1,4"]]
-    monkeypatch.undo()
-    assert bench.main(["serve", "--prompts", str(prompts_file), "--concurrency", "0"]) == 2
-    assert "--concurrency levels must be at least 1" in capsys.readouterr().err
-    assert bench.main(["serve", "--concurrency", "1,4"]) == 2  # --prompts is required
-    assert bench.main(["serve", "--prompts", str(prompts_file) + ".missing"]) == 2
+def test_cli_usage_errors(prompts_file, capsys):
+    assert main(["serve", "--prompts", str(prompts_file), "--concurrency", "0"]) == 2
+    assert "esp-bench serve: error: --concurrency levels must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--concurrency", "1,4"]) == 2  # --prompts is required
+    assert "the following arguments are required: --prompts" in capsys.readouterr().err
+    assert main(["serve", "--prompts", str(prompts_file) + ".missing"]) == 2
     assert "prompts file not found" in capsys.readouterr().err
+
+
+def test_a_server_that_does_not_answer_is_a_runtime_error_not_a_usage_error(prompts_file, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once this block closes it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--prompts",
+                 str(prompts_file), "--concurrency", "1", "--no-progress"]) == 1
+    assert "esp-bench serve: error: warmup request failed" in capsys.readouterr().err

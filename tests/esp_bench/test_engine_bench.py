@@ -1,4 +1,4 @@
-"""esp-bench: the CLI end to end on a tiny prompt file, and its error paths."""
+"""`esp-bench run`: the CLI end to end on a tiny prompt file, its error paths, the prompt selection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from esp_engine import bench
+from esp_bench import engine_bench
+from esp_bench.cli import main
+from esp_bench.common import load_prompts, prompt_ids, round_robin
+from esp_engine.chat import render_chat
 
 PROMPTS = [
     {"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea.", "Now shorter."]},
@@ -35,18 +38,6 @@ def _model_available() -> bool:
 
 needs_model = pytest.mark.skipif(not _model_available(), reason="embedded SmolLM2 model not available")
 
-@pytest.fixture
-def reuse_smol(monkeypatch, smol):
-    """Let bench's load_model hand out the session's model instead of loading it again."""
-    from esp_engine import loader
-
-    def load_model(name, *, device=None, dtype=None, num_threads=None, **kw):
-        assert name == "smollm2-135m-instruct" and device in (None, "cpu") and dtype in (None, "float32")
-        return smol
-
-    monkeypatch.setattr(loader, "load_model", load_model)
-    return smol
-
 
 SUMMARY_KEYS = {"tau", "tokens_per_s", "new_tokens", "forward_calls", "wall_s", "exact_match"}
 PROMPT_KEYS = {"question_id", "category", "new_tokens", "forward_calls", "wall_s", "output_ids"}
@@ -55,11 +46,11 @@ ENTRY_KEYS = {"model", "method", "settings", "device", "dtype", "summary", "per_
 
 
 @needs_model
-def test_bench_end_to_end(prompts_file, tmp_path, capsys, reuse_smol):
+def test_bench_end_to_end(prompts_file, tmp_path, capsys):
     out = tmp_path / "out.json"
     # per-category 1 + limit 3 -> writing(1), math(2) only: the limit comes after the per-category cut.
-    rc = bench.main([
-        "--model", "smollm2-135m-instruct", "--method", "ar,esp,pld:bc10", "--preset", "bc30",
+    rc = main([
+        "run", "--model", "smollm2-135m-instruct", "--device", "cpu", "--method", "ar,esp,pld:bc10", "--preset", "bc30",
         "--prompts", str(prompts_file), "--max-new-tokens", "6", "--per-category", "1",
         "--check-lossless", "--warmup", "1", "--no-progress", "--json", str(out),
     ])
@@ -79,7 +70,7 @@ def test_bench_end_to_end(prompts_file, tmp_path, capsys, reuse_smol):
         assert entry["model"] == "smollm2-135m-instruct"
         assert entry["device"] == "cpu" and entry["dtype"] == "float32"
         assert {"platform", "cpu_count", "torch", "date"} <= set(entry["machine"])
-        assert entry["command"].startswith("esp-bench ")
+        assert entry["command"].startswith("esp-bench run --model smollm2-135m-instruct ")
         s = entry["summary"]
         assert SUMMARY_KEYS <= set(s)
         assert s["exact_match"] == 1.0
@@ -118,9 +109,9 @@ def restore_threads():
 
 
 @needs_model
-def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_path, restore_threads, reuse_smol):
+def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_path, restore_threads):
     out = tmp_path / "out.json"
-    rc = bench.main([
+    rc = main([
         "--method", "esp:bc10", "--prompts", str(prompts_file), "--max-new-tokens", "4",
         "--check-lossless", "--warmup", "0", "--no-progress", "--json", str(out), "--threads", "1",
     ])
@@ -134,9 +125,9 @@ def test_bench_check_lossless_adds_ar_and_counts_categories(prompts_file, tmp_pa
 
 
 @needs_model
-def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_path, reuse_smol):
+def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_path):
     out = tmp_path / "out.json"
-    rc = bench.main(["--method", "pld", "--prompts", str(prompts_file), "--max-new-tokens", "3",
+    rc = main(["--method", "pld", "--prompts", str(prompts_file), "--max-new-tokens", "3",
                      "--limit", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -146,8 +137,8 @@ def test_bench_without_check_lossless_has_null_exact_match(prompts_file, tmp_pat
 
 
 @needs_model
-def test_bench_interrupt_reports_finished_prompts(prompts_file, tmp_path, capsys, monkeypatch, reuse_smol):
-    real_run, calls = bench.Runner.run, []
+def test_bench_interrupt_reports_finished_prompts(prompts_file, tmp_path, capsys, monkeypatch):
+    real_run, calls = engine_bench.Runner.run, []
 
     def run(self, spec, prompt):
         calls.append(spec.label)
@@ -155,9 +146,9 @@ def test_bench_interrupt_reports_finished_prompts(prompts_file, tmp_path, capsys
             raise KeyboardInterrupt
         return real_run(self, spec, prompt)
 
-    monkeypatch.setattr(bench.Runner, "run", run)
+    monkeypatch.setattr(engine_bench.Runner, "run", run)
     out = tmp_path / "out.json"
-    rc = bench.main(["--method", "ar,esp", "--prompts", str(prompts_file), "--max-new-tokens", "3",
+    rc = main(["--method", "ar,esp", "--prompts", str(prompts_file), "--max-new-tokens", "3",
                      "--warmup", "0", "--no-progress", "--json", str(out)])
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
@@ -167,14 +158,26 @@ def test_bench_interrupt_reports_finished_prompts(prompts_file, tmp_path, capsys
 
 
 def test_load_prompts_selection(prompts_file):
-    assert [p.question_id for p in bench.load_prompts(prompts_file)] == [1, 2, 3, 4]
-    assert [p.question_id for p in bench.load_prompts(prompts_file, per_category=1)] == [1, 2]
-    assert [p.question_id for p in bench.load_prompts(prompts_file, limit=3)] == [1, 2, 3]
-    assert bench.load_prompts(prompts_file)[0].text == "Write one sentence about the sea."
+    assert [p.question_id for p in load_prompts(prompts_file)] == [1, 2, 3, 4]
+    assert [p.question_id for p in load_prompts(prompts_file, per_category=1)] == [1, 2]
+    assert [p.question_id for p in load_prompts(prompts_file, limit=3)] == [1, 2, 3]
+    assert load_prompts(prompts_file)[0].text == "Write one sentence about the sea."
+
+
+def test_round_robin_spreads_any_first_prompts_over_the_categories(tmp_path):
+    path = tmp_path / "q.jsonl"
+    rows = [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c"), (6, "c")]
+    path.write_text("".join(json.dumps({"question_id": q, "category": c, "turns": ["x"]}) + "\n" for q, c in rows))
+    assert [p.question_id for p in round_robin(load_prompts(path))] == [1, 4, 5, 2, 6, 3]
+
+
+def test_prompt_ids_are_the_servers_chat_rendering(smol):
+    tok = smol.tokenizer
+    assert prompt_ids(tok, "Name three colors.") == render_chat(tok, [{"role": "user", "content": "Name three colors."}])
 
 
 def test_parse_methods():
-    runs = bench.parse_methods("ar, esp:bc60 ,pld,hf,esp:bc60", "bc10")
+    runs = engine_bench.parse_methods("ar, esp:bc60 ,pld,hf,esp:bc60", "bc10")
     assert [r.label for r in runs] == ["ar", "esp:bc60", "pld:bc10", "hf"]
     assert runs[1].spec.num_masks == 2
     assert runs[3].spec is None
@@ -191,16 +194,32 @@ def test_parse_methods():
 )
 def test_bench_usage_errors(prompts_file, capsys, args, message):
     argv = ["--prompts", str(prompts_file), "--no-progress", *args]
-    assert bench.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error" in err
     if message:
         assert message in err
 
 
+@needs_model
+def test_bench_refuses_prompts_the_engine_would_refuse_before_running_any(prompts_file, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["--method", "ar", "--prompts", str(prompts_file), "--max-new-tokens", "1000000",
+                 "--no-progress", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "esp-bench run: error: question 1:" in err and "maximum context length" in err
+    assert not out.exists()
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "serve" in out
+
+
 def test_bench_missing_prompts_file(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
-    assert bench.main(["--method", "ar", "--prompts", str(missing), "--no-progress"]) == 2
+    assert main(["--method", "ar", "--prompts", str(missing), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "prompts file not found" in err and str(missing) in err
 
@@ -208,5 +227,5 @@ def test_bench_missing_prompts_file(tmp_path, capsys):
 def test_bench_bad_prompts_line(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question_id": 1, "category": "x"}\n')
-    assert bench.main(["--method", "ar", "--prompts", str(path), "--no-progress"]) == 2
+    assert main(["--method", "ar", "--prompts", str(path), "--no-progress"]) == 2
     assert "not a Spec-Bench question" in capsys.readouterr().err
