@@ -5,6 +5,7 @@ use free blocks and give them up before any request waits or is preempted."""
 import pytest
 import torch
 
+from esp_engine.chat import render_chat
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine
 from esp_engine.kv_cache import KVPool
@@ -113,9 +114,7 @@ SYSTEM = ("You are a careful assistant for a bakery. Answer in one short sentenc
 
 
 def _chat(tok, question: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-                                  add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    return render_chat(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
 
 
 @pytest.mark.parametrize("method,preset", [("ar", None), ("esp", "bc30"), ("hybrid", "bc30")])
