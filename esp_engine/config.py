@@ -8,12 +8,43 @@ overridden afterwards with `dataclasses.replace` or `SpecConfig.with_overrides`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidRequestError, InvalidSpecConfigError
 
-METHODS = ("ar", "esp", "pld", "lade", "hybrid")
+# Paper settings (docs/ESP.md): ESP k=1 [4] / k=1 [14] / k=2 [15,4]; LADE (level, window, guess)
+# = (3,4,1) / (4,5,5) / (5,8,7). PLD and hybrid are sized to the same BC.
+_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "esp": {
+        "bc10": dict(num_masks=1, tree=(4,)),
+        "bc30": dict(num_masks=1, tree=(14,)),
+        "bc60": dict(num_masks=2, tree=(15, 4)),
+        "bc60-k1": dict(num_masks=1, tree=(29,)),
+        "bc30-dynamic": dict(num_masks=1, tree=None, node_budget=14),
+        # Width picked every step for the best tokens/s on this machine (cost_model.py), up to BC 30.
+        "auto": dict(num_masks=1, tree=None, node_budget=14, adaptive=True),
+        "bc60-dynamic": dict(num_masks=2, tree=None, node_budget=19),
+    },
+    "pld": {
+        "bc10": dict(pld_num_drafts=9, pld_num_candidates=1),
+        "bc30": dict(pld_num_drafts=10, pld_num_candidates=2),
+        "bc60": dict(pld_num_drafts=10, pld_num_candidates=5),
+    },
+    "lade": {
+        "bc10": dict(lade_level=3, lade_window=4, lade_guess=1),
+        "bc30": dict(lade_level=4, lade_window=5, lade_guess=5),
+        "bc60": dict(lade_level=5, lade_window=8, lade_guess=7),
+    },
+    "hybrid": {
+        "bc10": dict(num_masks=1, tree=None, node_budget=4, pld_num_drafts=3, hybrid_min_esp_nodes=1),
+        "bc30": dict(num_masks=1, tree=None, node_budget=14, pld_num_drafts=10, hybrid_min_esp_nodes=4),
+        "bc60": dict(num_masks=1, tree=None, node_budget=29, pld_num_drafts=10, pld_num_candidates=2,
+                     hybrid_min_esp_nodes=9),
+    },
+}
+
+METHODS = ("ar", *_PRESETS)  # "ar" is plain decoding: no presets
 PRESETS = ("bc10", "bc30", "bc60")
 
 
@@ -82,14 +113,10 @@ class SpecConfig:
 
     @property
     def block_complexity(self) -> int:
-        """Tokens one decode pass carries (the paper's BC)."""
-        if self.method == "ar":
-            return 1
-        if self.method in ("esp", "hybrid"):
-            return (self.num_masks + 1) * (1 + self.esp_node_budget)
-        if self.method == "pld":
-            return 1 + self.pld_num_drafts * self.pld_num_candidates
-        return 1 + (self.lade_level - 1) * (self.lade_window + self.lade_guess)
+        """Tokens one decode pass carries (the paper's BC); each method's proposer knows its own."""
+        from .proposers import proposer_class  # the proposers import this module
+
+        return proposer_class(self.method).block_rows(self)
 
     @classmethod
     def from_preset(cls, method: str, preset: str | None = None) -> "SpecConfig":
@@ -124,38 +151,6 @@ class SpecConfig:
         return d
 
 
-# Paper settings (docs/ESP.md): ESP k=1 [4] / k=1 [14] / k=2 [15,4]; LADE (level, window, guess)
-# = (3,4,1) / (4,5,5) / (5,8,7). PLD and hybrid are sized to the same BC.
-_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "esp": {
-        "bc10": dict(num_masks=1, tree=(4,)),
-        "bc30": dict(num_masks=1, tree=(14,)),
-        "bc60": dict(num_masks=2, tree=(15, 4)),
-        "bc60-k1": dict(num_masks=1, tree=(29,)),
-        "bc30-dynamic": dict(num_masks=1, tree=None, node_budget=14),
-        # Width picked every step for the best tokens/s on this machine (cost_model.py), up to BC 30.
-        "auto": dict(num_masks=1, tree=None, node_budget=14, adaptive=True),
-        "bc60-dynamic": dict(num_masks=2, tree=None, node_budget=19),
-    },
-    "pld": {
-        "bc10": dict(pld_num_drafts=9, pld_num_candidates=1),
-        "bc30": dict(pld_num_drafts=10, pld_num_candidates=2),
-        "bc60": dict(pld_num_drafts=10, pld_num_candidates=5),
-    },
-    "lade": {
-        "bc10": dict(lade_level=3, lade_window=4, lade_guess=1),
-        "bc30": dict(lade_level=4, lade_window=5, lade_guess=5),
-        "bc60": dict(lade_level=5, lade_window=8, lade_guess=7),
-    },
-    "hybrid": {
-        "bc10": dict(num_masks=1, tree=None, node_budget=4, pld_num_drafts=3, hybrid_min_esp_nodes=1),
-        "bc30": dict(num_masks=1, tree=None, node_budget=14, pld_num_drafts=10, hybrid_min_esp_nodes=4),
-        "bc60": dict(num_masks=1, tree=None, node_budget=29, pld_num_drafts=10, pld_num_candidates=2,
-                     hybrid_min_esp_nodes=9),
-    },
-}
-
-
 def preset_names(method: str) -> list[str]:
     return sorted(_PRESETS.get(method, {}))
 
@@ -172,7 +167,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per committed token; 0 = only the chosen one
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):

@@ -11,6 +11,7 @@ expected tokens per pass / cost of the pass, i.e. tokens per second.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,7 +140,51 @@ class BudgetTuner:
 SHARES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class LoadTunerConfig:
+    """The load tuner's knobs."""
+
+    decay: float = 0.99  # per recorded pass: about the last 100 passes of a (key, share) count
+    prior_weight: float = 1.0
+    explore_batch: int = 2  # largest batch that tries shares with no record yet
+    # Above that batch, speculation must be predicted to beat plain decoding by this much: the cost
+    # model is off for wide batched passes (per-sequence masked attention, Python bookkeeping),
+    # and a wrong choice there slows every sequence at once.
+    margin: float = 0.1
+    correction_decay: float = 0.9  # per observed pass: the last ten or so passes of a kind count
+    # Above `explore_batch` the model's word is not enough: what speculative passes really gained
+    # over plain ones is measured per batch bucket, and a measured loss stops speculation there,
+    # re-checked once every `probe_every` passes (acceptance drifts with the requests in flight).
+    probe_every: int = 32  # (also: at small batches, the longest run of plain passes without a try)
+    # Each re-check that finds speculation still losing doubles the wait for the next, up to this:
+    # a check costs a slow pass, which at `probe_every` passes apart is a visible share of
+    # throughput and at this many nothing.
+    max_probe_every: int = 512
+    gain_decay: float = 0.7  # per speculative pass: the last three or so count
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceFeedback:
+    """What one sequence's block yielded in a pass."""
+
+    keys: tuple[str, ...]  # the proposer's names for this draft; empty: not to be learnt from
+    share: int  # rows the block was allowed
+    tokens: int  # tokens it committed
+    rows: int  # rows it used
+
+
+@dataclass(frozen=True, slots=True)
+class PassFeedback:
+    """One decode pass as it ran: the tuner's only input after `choose`."""
+
+    num_sequences: int  # decoding sequences in the pass
+    num_rows: int
+    is_speculative: bool  # some block carried more than its root
+    seconds: float | None  # None: not timed (prefill chunks rode along and would blur the cost)
+    num_committed: int
+    sequences: Sequence[SequenceFeedback] = ()
+
+
 class LoadTuner:
     """Rows per sequence for a batched decode pass, from measured step cost and acceptance.
 
@@ -150,38 +195,67 @@ class LoadTuner:
     costs the same for 1 or 64 rows, so shares stay large; on a CPU, or as the batch grows, a
     larger share stops paying and the tuner falls back towards plain decoding (share 1),
     which commits exactly one token per pass by definition. Tokens per pass at each share
-    are learnt per method with a decaying average, starting from an optimistic prior so
+    are learnt per proposer key with a decaying average, starting from an optimistic prior so
     every share gets tried.
     """
 
-    costs: StepCostModel
-    decay: float = 0.99  # per recorded pass: about the last 100 passes of a (method, share) count
-    prior_weight: float = 1.0
-    explore_batch: int = 2  # largest batch that tries shares with no record yet
-    # Above that batch, speculation must be predicted to beat plain decoding by this much: the cost
-    # model is off by up to ~10% for wide batched passes (per-sequence masked attention, Python
-    # bookkeeping), and a wrong choice there slows every sequence at once.
-    margin: float = 0.1
-    correction_decay: float = 0.9  # per observed pass: the last ten or so passes of a kind count
-    # Above `explore_batch` the model's word is not enough: what speculative passes really gained
-    # over plain ones is measured per batch bucket, and a measured loss stops speculation there,
-    # re-checked once every `probe_every` passes (acceptance drifts with the requests in flight).
-    probe_every: int = 32  # (also: at small batches, the longest run of plain passes without a try)
-    # Each re-check that finds speculation still losing doubles the wait for the next, up to this:
-    # a check costs a slow pass, which at 32 passes apart is 1-2% of throughput, at 512 nothing.
-    max_probe_every: int = 512
-    gain_decay: float = 0.7  # per speculative pass: the last three or so count
-    _tokens: dict[tuple[str, int], float] = field(default_factory=dict)
-    _rows: dict[tuple[str, int], float] = field(default_factory=dict)
-    _weight: dict[tuple[str, int], float] = field(default_factory=dict)
-    _correction: dict[tuple[bool, int], float] = field(default_factory=dict)  # measured / modelled time
-    _gain: dict[int, float] = field(default_factory=dict)  # batch bucket -> measured speedup of speculation
-    _since_probe: dict[int, int] = field(default_factory=dict)  # batch bucket -> passes since speculation
-    _plain_streak: int = 0  # plain passes chosen in a row at small batches
-    _retry_every: int = 0  # plain passes at small batches before the next try (0: `probe_every`)
-    _retried: bool = False  # the last small-batch choice was such a try
-    _probe_wait: dict[int, int] = field(default_factory=dict)  # batch bucket -> plain passes between re-checks
+    def __init__(self, costs: StepCostModel, config: LoadTunerConfig | None = None) -> None:
+        self.costs = costs
+        self.config = config or LoadTunerConfig()
+        self._tokens: dict[tuple[str, int], float] = {}
+        self._rows: dict[tuple[str, int], float] = {}
+        self._weight: dict[tuple[str, int], float] = {}
+        self._correction: dict[tuple[bool, int], float] = {}  # measured / modelled time
+        self._gain: dict[int, float] = {}  # batch bucket -> measured speedup of speculation
+        self._since_probe: dict[int, int] = {}  # batch bucket -> passes since speculation
+        self._probe_wait: dict[int, int] = {}  # batch bucket -> plain passes between re-checks
+        self._plain_streak = 0  # plain passes chosen in a row at small batches
+        self._retry_every = 0  # plain passes at small batches before the next try (0: `probe_every`)
+        self._retried = False  # the last small-batch choice was such a try
 
+    # ---- feedback ----------------------------------------------------------------------------
+    def observe(self, feedback: PassFeedback) -> None:
+        """Learn from one pass: what each sequence's share yielded and, for a timed pass, how far
+        the cost model was off and what speculation really gained at this batch size."""
+        for seq in feedback.sequences:
+            for key in seq.keys:
+                self._record(key, seq.share, seq.tokens, seq.rows)
+        if feedback.seconds is not None:
+            self._observe_time(feedback.num_sequences, feedback.num_rows, feedback.is_speculative,
+                               feedback.seconds, feedback.num_committed)
+
+    def _record(self, key: str, share: int, tokens: int, rows: int) -> None:
+        if share <= 1:
+            return
+        cfg, k = self.config, (key, share)
+        self._tokens[k] = self._tokens.get(k, 0.0) * cfg.decay + tokens
+        self._rows[k] = self._rows.get(k, 0.0) * cfg.decay + rows
+        self._weight[k] = self._weight.get(k, 0.0) * cfg.decay + 1.0
+
+    def _observe_time(self, num_sequences: int, num_rows: int, speculative: bool, seconds: float, tokens: int) -> None:
+        modelled = self.costs.batch_cost(num_rows, num_sequences)
+        if modelled <= 0 or seconds <= 0:
+            return
+        cfg = self.config
+        bucket = self._batch_bucket(num_sequences)
+        key = (speculative, bucket)
+        old = self._correction.get(key)
+        ratio = seconds / modelled
+        self._correction[key] = ratio if old is None else old * cfg.correction_decay + ratio * (1 - cfg.correction_decay)
+        if not speculative:
+            self._since_probe[bucket] = self._since_probe.get(bucket, 0) + 1
+        elif (False, bucket) in self._correction:
+            # A plain pass of these sequences would commit one token each in the time measured
+            # for plain passes of this size.
+            plain_seconds = self.costs.batch_cost(num_sequences, num_sequences) * self.correction(False, num_sequences)
+            gain = (tokens / seconds) / (num_sequences / plain_seconds)
+            old_gain = self._gain.get(bucket)
+            self._gain[bucket] = gain if old_gain is None else old_gain * cfg.gain_decay + gain * (1 - cfg.gain_decay)
+            self._since_probe[bucket] = 0
+            wait = self._probe_wait.get(bucket, cfg.probe_every)
+            self._probe_wait[bucket] = min(2 * wait, cfg.max_probe_every) if self._gain[bucket] < 1.0 else cfg.probe_every
+
+    # ---- what it has learnt --------------------------------------------------------------------
     @staticmethod
     def _batch_bucket(num_sequences: int) -> int:
         """1, 2, 3-4, 5-8, 9-16, ...: batches alike enough to share a correction."""
@@ -201,73 +275,49 @@ class LoadTuner:
         passes of the same size deliver; None until one has run."""
         return self._gain.get(self._batch_bucket(num_sequences))
 
-    def observe_pass(self, num_sequences: int, num_rows: int, speculative: bool, seconds: float,
-                     tokens: int | None = None) -> None:
-        """A decode pass as it ran (`tokens`: what it committed): the model's error for passes of
-        this kind and batch is learnt, so that choices correct themselves within a few passes where
-        the model is wrong, and so is what speculation really gained at this batch size."""
-        modelled = self.costs.batch_cost(num_rows, num_sequences)
-        if modelled <= 0 or seconds <= 0:
-            return
-        bucket = self._batch_bucket(num_sequences)
-        key = (speculative, bucket)
-        old = self._correction.get(key)
-        ratio = seconds / modelled
-        self._correction[key] = ratio if old is None else old * self.correction_decay + ratio * (1 - self.correction_decay)
-        if not speculative:
-            self._since_probe[bucket] = self._since_probe.get(bucket, 0) + 1
-        elif tokens is not None and (False, bucket) in self._correction:
-            # A plain pass of these sequences would commit one token each in the time measured
-            # for plain passes of this size.
-            plain_seconds = self.costs.batch_cost(num_sequences, num_sequences) * self.correction(False, num_sequences)
-            gain = (tokens / seconds) / (num_sequences / plain_seconds)
-            old_gain = self._gain.get(bucket)
-            self._gain[bucket] = gain if old_gain is None else old_gain * self.gain_decay + gain * (1 - self.gain_decay)
-            self._since_probe[bucket] = 0
-            wait = self._probe_wait.get(bucket, self.probe_every)
-            self._probe_wait[bucket] = min(2 * wait, self.max_probe_every) if self._gain[bucket] < 1.0 else self.probe_every
-
     @staticmethod
     def prior(share: int) -> float:
         return 1.0 + 0.5 * (share - 1) ** 0.5
 
-    def expected(self, method: str, share: int, explore: bool = True) -> float:
-        """Tokens a pass commits for a sequence of `method` allowed `share` rows. Without
+    def expected(self, key: str, share: int, explore: bool = True) -> float:
+        """Tokens a pass commits for a sequence drafting under `key` allowed `share` rows. Without
         `explore`, a share never tried counts as plain decoding (one token)."""
-        if method == "ar" or share <= 1:
+        if share <= 1:
             return 1.0
-        key = (method, share)
-        w = self._weight.get(key, 0.0)
+        k = (key, share)
+        w = self._weight.get(k, 0.0)
         prior = self.prior(share) if explore else 1.0
-        return (self._tokens.get(key, 0.0) + prior * self.prior_weight) / (w + self.prior_weight)
+        return (self._tokens.get(k, 0.0) + prior * self.config.prior_weight) / (w + self.config.prior_weight)
 
-    def pays_alone(self, method: str, share: int) -> bool:
-        """Whether `share` rows of `method` commit more tokens per second than one plain row, for
-        one sequence by itself (exploring: an untried share is given its optimistic prior)."""
-        rows = max(1, round(self.expected_rows(method, share)))
-        return self.expected(method, share) / self.costs.cost(rows) > 1.0 / self.costs.cost(1)
-
-    def expected_rows(self, method: str, share: int) -> float:
+    def expected_rows(self, key: str, share: int) -> float:
         """Rows it really uses: n-gram methods often draft less than their share, or nothing."""
-        if method == "ar" or share <= 1:
+        if share <= 1:
             return 1.0
-        key = (method, share)
-        w = self._weight.get(key, 0.0)
-        return (self._rows.get(key, 0.0) + share * self.prior_weight) / (w + self.prior_weight)
+        k = (key, share)
+        w = self._weight.get(k, 0.0)
+        return (self._rows.get(k, 0.0) + share * self.config.prior_weight) / (w + self.config.prior_weight)
 
-    def choose(self, methods: list[str], caps: list[int], extra_rows: int = 0) -> int:
-        """The share for this pass; `caps` are each sequence's own largest block, `extra_rows`
-        the prefill rows riding along."""
+    def pays_alone(self, key: str, share: int) -> bool:
+        """Whether `share` rows drafted under `key` commit more tokens per second than one plain
+        row, for one sequence by itself (exploring: an untried share is given its optimistic prior)."""
+        rows = max(1, round(self.expected_rows(key, share)))
+        return self.expected(key, share) / self.costs.cost(rows) > 1.0 / self.costs.cost(1)
+
+    # ---- the choice -----------------------------------------------------------------------------
+    def choose(self, keys: list[str], caps: list[int], extra_rows: int = 0) -> int:
+        """The share for this pass; `keys` are the decoding sequences' proposer keys, `caps` each
+        one's own largest block, `extra_rows` the prefill rows riding along."""
+        cfg = self.config
         top = max(caps, default=1)
         # Try untested shares only while the batch is small: a wrong guess then costs one cheap
         # pass, while at a large batch it multiplies every sequence's rows at once.
-        explore = len(caps) <= self.explore_batch
-        margin = 0.0 if explore else self.margin
+        explore = len(caps) <= cfg.explore_batch
+        margin = 0.0 if explore else cfg.margin
         best_share, best_rate, plain_rate = 1, 0.0, 0.0
         runner_up, runner_up_rate = 1, 0.0  # the best share above 1
         for share in [s for s in SHARES if s < top] + [top]:
-            rows = sum(self.expected_rows(m, min(share, cap)) for m, cap in zip(methods, caps)) + extra_rows
-            tokens = sum(self.expected(m, min(share, cap), explore) for m, cap in zip(methods, caps))
+            rows = sum(self.expected_rows(k, min(share, cap)) for k, cap in zip(keys, caps)) + extra_rows
+            tokens = sum(self.expected(k, min(share, cap), explore) for k, cap in zip(keys, caps))
             n = len(caps) + (extra_rows > 0)
             rate = tokens / (self.costs.batch_cost(round(rows), n) * self.correction(share > 1, n))
             if share == 1:
@@ -286,15 +336,16 @@ class LoadTuner:
         """A small batch never settles on plain decoding for good: a share's record may come
         from text that had nothing to copy or guess, and without a pass now and then it is never
         revised. A try after which plain decoding still comes out best doubles the wait."""
-        wait = self._retry_every or self.probe_every
+        cfg = self.config
+        wait = self._retry_every or cfg.probe_every
         if self._retried:
             self._retried = False
-            self._retry_every = min(2 * wait, self.max_probe_every) if best_share == 1 else self.probe_every
+            self._retry_every = min(2 * wait, cfg.max_probe_every) if best_share == 1 else cfg.probe_every
         if best_share > 1:
             self._plain_streak = 0
             return best_share
         self._plain_streak += 1
-        if self._plain_streak > (self._retry_every or self.probe_every):
+        if self._plain_streak > (self._retry_every or cfg.probe_every):
             self._plain_streak, self._retried = 0, True
             return runner_up
         return 1
@@ -307,15 +358,7 @@ class LoadTuner:
         if gain is None or gain >= 1.0:
             return True
         bucket = self._batch_bucket(num_sequences)
-        if self._since_probe.get(bucket, 0) < self._probe_wait.get(bucket, self.probe_every):
+        if self._since_probe.get(bucket, 0) < self._probe_wait.get(bucket, self.config.probe_every):
             return False
         self._since_probe[bucket] = 0
         return True
-
-    def record(self, method: str, share: int, tokens: int, rows: int | None = None) -> None:
-        if method == "ar" or share <= 1:
-            return
-        key = (method, share)
-        self._tokens[key] = self._tokens.get(key, 0.0) * self.decay + tokens
-        self._rows[key] = self._rows.get(key, 0.0) * self.decay + (share if rows is None else rows)
-        self._weight[key] = self._weight.get(key, 0.0) * self.decay + 1.0

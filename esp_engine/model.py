@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import BatchAttention
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -190,18 +191,10 @@ class LlamaFamilyModel(nn.Module):
 
         Every matmul runs once over all rows, so the weights are read once per step whatever
         the batch (on a CPU as on a GPU, that read is most of a small-batch step); attention
-        runs per sequence against its own cache, with its own tree mask.
+        sees each sequence's own cache under its own tree mask (`attention.BatchAttention`).
         """
         total = embeds.shape[0]
-        bounds, masks, spans = [], [], []
-        row = 0
-        for cache, mask, n in zip(caches, attn_masks, num_rows):
-            start = cache.length
-            cache.ensure(start + n)
-            bounds.append((row, row + n))
-            spans.append((start, start + n))
-            masks.append(_full_mask(mask, start, n, embeds.device))
-            row += n
+        attention = BatchAttention(caches, attn_masks, num_rows, embeds.device)
         cos = self.rope_cos[positions][:, None, :]  # [R, 1, D]
         sin = self.rope_sin[positions][:, None, :]
         x = embeds
@@ -216,35 +209,11 @@ class LlamaFamilyModel(nn.Module):
                 k = layer.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            outs = []
-            for cache, (r0, r1), (s0, s1), mask in zip(caches, bounds, spans, masks):
-                cache.keys[i, :, s0:s1] = k[r0:r1].transpose(0, 1)
-                cache.values[i, :, s0:s1] = v[r0:r1].transpose(0, 1)
-                outs.append(F.scaled_dot_product_attention(
-                    q[r0:r1].transpose(0, 1)[None],
-                    cache.keys[i, :, :s1][None],
-                    cache.values[i, :, :s1][None],
-                    attn_mask=mask,
-                    is_causal=False,
-                    scale=self.scale,
-                    enable_gqa=layer.num_heads != layer.num_kv_heads,
-                )[0].transpose(0, 1))
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+            attention.write(i, k, v)
+            attn = attention.attend(i, q, self.scale)
             x = x + layer.wo(attn.reshape(total, layer.q_size))
             h = layer.post_norm(x)
             gate_up = layer.w_gate_up(h)
             x = x + layer.w_down(F.silu(gate_up[:, : layer.intermediate]) * gate_up[:, layer.intermediate :])
-        for cache, (_, s1) in zip(caches, spans):
-            cache.length = s1
+        attention.finish()
         return self.norm(x)
-
-
-def _full_mask(block_mask: torch.Tensor | None, cache_len: int, num_rows: int, device: torch.device) -> torch.Tensor | None:
-    """[M, cache_len + M] boolean mask: all of the cache, then the block's own pattern."""
-    if num_rows == 1 and block_mask is None:
-        return None  # one row sees everything: no mask at all is the fastest path
-    if block_mask is None:
-        block_mask = torch.ones(num_rows, num_rows, dtype=torch.bool, device=device).tril_()
-    if cache_len == 0:
-        return block_mask
-    return torch.cat([torch.ones(num_rows, cache_len, dtype=torch.bool, device=device), block_mask], dim=1)

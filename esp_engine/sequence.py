@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from .config import SamplingParams, SpecConfig
@@ -20,23 +19,6 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(slots=True)
-class SequenceStats:
-    num_decode_calls: int = 0  # forward passes after prefill
-    num_decode_tokens: int = 0  # tokens committed by those passes (bonus included)
-    num_draft_tokens: int = 0  # draft nodes offered to verification
-    num_accepted_tokens: int = 0  # draft nodes accepted
-    accepted_per_position: list[int] = field(default_factory=list)  # accepted at depth 1, 2, ...
-    block_rows: int = 0  # rows of all decode blocks together
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-    @property
-    def tau(self) -> float:
-        return self.num_decode_tokens / self.num_decode_calls if self.num_decode_calls else 0.0
-
-
-@dataclass(slots=True)
 class Sequence:
     req_id: str
     prompt_ids: list[int]
@@ -49,7 +31,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    stats: SequenceStats = field(default_factory=SequenceStats)
+    was_scheduled: bool = False  # admitted at least once (a preempted one comes back as a recomputation)
 
     @property
     def context(self) -> list[int]:
@@ -62,13 +44,5 @@ class Sequence:
         return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
     def remaining(self) -> int:
         return self.sampling.max_new_tokens - len(self.output_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED

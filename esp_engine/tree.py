@@ -80,7 +80,6 @@ class BlockLayout:
     offsets: torch.Tensor  # [M] int64: position of each row minus the root's position
     attn: torch.Tensor  # [M, M] bool: row i may attend to block row j
     mask_rows: torch.Tensor  # [T*k] int64: rows fed the mask embedding
-    depths: tuple[int, ...]  # depth of each tree row
 
     @property
     def num_rows(self) -> int:
@@ -146,5 +145,4 @@ def _block_layout_cached(parents: tuple[int, ...], num_masks: int, lookahead: tu
         offsets=torch.from_numpy(offsets),
         attn=torch.from_numpy(attn),
         mask_rows=torch.from_numpy(mask_rows),
-        depths=tuple(depths),
     )

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from esp_engine.config import SamplingParams, SpecConfig
-from esp_engine.engine import LLMEngine, RequestOutput
-from esp_engine.sequence import SequenceStatus
+from esp_engine.engine import LLMEngine
+from esp_engine.outputs import EngineStats, RequestOutput
 
 from .metrics import Metrics
 
@@ -43,7 +43,7 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
-    def _put(self, item: RequestOutput | BaseException) -> None:
+    def push(self, item: RequestOutput | BaseException) -> None:
         """Called by the worker thread."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -133,6 +133,8 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}  # touched by the worker thread only
         self._unscheduled: dict[str, _Live] = {}  # live requests no engine step has worked on yet
         self._dead: BaseException | None = None
+        self._stats: EngineStats | None = None
+        self._step_started: float | None = None  # monotonic start of the engine step now running
         self._thread = threading.Thread(target=self._run, name="esp-engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -141,6 +143,16 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
+
+    def liveness(self, max_step_s: float) -> str | None:
+        """Why the engine cannot serve (its worker has died, or one step has run for longer than
+        `max_step_s`, a hang), or None while it can."""
+        if not self.is_alive:
+            return "the engine worker has stopped"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > max_step_s:
+            return f"one engine step has run for more than {max_step_s:g} s"
+        return None
 
     async def add_requests(
         self, requests: Sequence[tuple[list[int], SamplingParams, SpecConfig | None]], *,
@@ -199,15 +211,20 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
-        self._publish_queue()
+        self._publish(self._engine.stats())
         if self._engine.has_unfinished():
             self._step()
         return True
 
-    def _publish_queue(self) -> None:
+    @property
+    def stats(self) -> EngineStats | None:
+        """The engine's load as of its latest step or command (None before the worker has run)."""
+        return self._stats
+
+    def _publish(self, stats: EngineStats) -> None:
+        self._stats = stats
         if self.metrics:
-            e = self._engine
-            self.metrics.set_queue(e.num_running, e.num_waiting, e.kv_cache_bytes(), e.kv_cache_usage())
+            self.metrics.publish(stats)
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -240,34 +257,37 @@ class AsyncEngine:
             command.done.set_result(None)
 
     def _step(self) -> None:
-        started = time.monotonic()
+        started = self._step_started = time.monotonic()
         try:
             outputs = self._engine.step()
         except Exception as exc:
+            self._step_started = None
             # The engine ends a request whose own work fails with an error output; what escapes
             # `step` comes from the batch as a whole, and any live request may have been in it.
             suspects = list(self._live)
             log.exception("engine step failed; failing request(s) %s", ", ".join(suspects))
             for rid in suspects:
                 self._fail(rid, exc, "error")
-            self._publish_queue()
+            self._publish(self._engine.stats())
             return
-        self._publish_queue()  # before delivery, so a client holding its last output sees current gauges
-        self._note_scheduled(started)
+        self._step_started = None
+        stats = self._engine.stats()
+        self._publish(stats)  # before delivery, so a client holding its last output sees current gauges
+        self._note_scheduled(stats.newly_scheduled, started)
         now = time.monotonic()
         for out in outputs:
             self._deliver(out, now)
 
-    def _note_scheduled(self, started: float) -> None:
+    def _note_scheduled(self, req_ids: Sequence[str], started: float) -> None:
         """Requests that left the waiting queue in the step that began at `started`: their queue
         time ends there (a request preempted back to waiting later is not counted again)."""
-        sequences = self._engine.sequences
-        for rid in [rid for rid in self._unscheduled
-                    if getattr(sequences.get(rid), "status", None) is not SequenceStatus.WAITING]:
-            live = self._unscheduled.pop(rid)
+        for rid in req_ids:
+            live = self._unscheduled.pop(rid, None)
+            if live is None:
+                continue
             live.scheduled = started
             if self.metrics:
-                self.metrics.queue_time.labels(self.metrics.model_name).observe(max(0.0, started - live.arrival))
+                self.metrics.queue_time.labels(self.metrics.model_name).observe(started - live.arrival)
 
     def _fail(self, req_id: str, exc: BaseException, reason: str) -> None:
         live = self._live.pop(req_id, None)
@@ -281,7 +301,7 @@ class AsyncEngine:
             self.metrics.requests_aborted.labels(self.metrics.model_name, reason).inc()
         if live is not None:
             self._log_finish(req_id, live, "error")
-            live.stream._put(exc)
+            live.stream.push(exc)
 
     def _log_finish(self, req_id: str, live: _Live, finish_reason: str, now: float | None = None) -> None:
         if log.isEnabledFor(logging.INFO):
@@ -309,9 +329,9 @@ class AsyncEngine:
         if out.error is not None:  # the engine isolated a failure to this request
             if self.metrics:
                 self.metrics.requests_aborted.labels(self.metrics.model_name, "error").inc()
-            live.stream._put(RuntimeError(out.error))
+            live.stream.push(out.error)  # its own type: a client's fault maps to a 400, the engine's to a 500
             return
-        live.stream._put(out)
+        live.stream.push(out)
 
     def _observe(self, live: _Live, out: RequestOutput, num_new: int, now: float) -> None:
         m, name = self.metrics, self.metrics.model_name  # type: ignore[union-attr]

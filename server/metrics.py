@@ -13,7 +13,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from esp_engine.engine import StepStats
+from esp_engine.outputs import EngineStats, StepStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -69,11 +69,18 @@ class Metrics:
                                       m + ["status"], registry=r)
         self.requests_aborted = Counter("esp:requests_aborted", "Engine requests ended early and freed.",
                                         m + ["reason"], registry=r)
+        self.requests_rejected = Counter("esp:requests_rejected",
+                                         "Requests refused before reaching the engine: 429 at capacity "
+                                         "(reason saturated), 503 while shutting down (reason draining).",
+                                         m + ["reason"], registry=r)
         self.running = Gauge("vllm:num_requests_running", "Sequences being decoded.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting for prefill.", m, registry=r)
         self.kv_cache_bytes = Gauge("esp:kv_cache_bytes", "Bytes held by all KV caches.", m, registry=r)
         self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV-cache pool in use (1 = full).",
                                     m, registry=r)
+        self.num_preemptions = Counter("vllm:num_preemptions", "Sequences preempted for KV-cache room (their KV is "
+                                       "recomputed when they return).", m, registry=r)
+        self._preemptions_seen = 0
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
         self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -116,10 +123,12 @@ class Metrics:
 
     def bind(self, model_name: str) -> None:
         self.model_name = model_name
-        self.set_queue(0, 0, 0, 0.0)  # a scrape before the first request sees zeros, not missing series
+        self.publish(EngineStats(0, 0, 0, 0.0, 0))  # a scrape before the first request sees zeros, not missing series
         self.tokens_per_second.labels(model_name).set_function(self.token_rate.rate)
         for reason in ("client", "stop_string", "error"):
             self.requests_aborted.labels(model_name, reason)
+        for reason in ("saturated", "draining"):
+            self.requests_rejected.labels(model_name, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -144,8 +153,13 @@ class Metrics:
         self.generation_tokens.labels(self.model_name).inc(num_new)
         self.token_rate.add(num_new)
 
-    def set_queue(self, running: int, waiting: int, kv_bytes: int, kv_usage: float) -> None:
-        self.running.labels(self.model_name).set(running)
-        self.waiting.labels(self.model_name).set(waiting)
-        self.kv_cache_bytes.labels(self.model_name).set(kv_bytes)
-        self.kv_cache_usage.labels(self.model_name).set(min(1.0, max(0.0, kv_usage)))
+    def publish(self, stats: EngineStats) -> None:
+        """The engine's load gauges, from its per-step snapshot."""
+        name = self.model_name
+        self.running.labels(name).set(stats.num_running)
+        self.waiting.labels(name).set(stats.num_waiting)
+        self.kv_cache_bytes.labels(name).set(stats.kv_cache_bytes)
+        # Prefix-cache accounting can leave a float a hair outside 0..1.
+        self.kv_cache_usage.labels(name).set(min(1.0, max(0.0, stats.kv_cache_usage)))
+        self.num_preemptions.labels(name).inc(max(0, stats.num_preemptions - self._preemptions_seen))
+        self._preemptions_seen = max(self._preemptions_seen, stats.num_preemptions)

@@ -15,7 +15,7 @@ import torch
 from ..config import SpecConfig
 from ..tree import BlockLayout, DraftTree
 from ..verifier import Verdict
-from .base import Draft, Proposer
+from .base import Draft, DraftBudget, Proposer
 
 if TYPE_CHECKING:
     from ..cost_model import BudgetTuner
@@ -86,8 +86,7 @@ def insert_candidates(tree: DraftTree, candidates: list[Candidate], budget: int)
 
 class EspProposer(Proposer):
     def __init__(self, model, spec: SpecConfig, tuner: "BudgetTuner | None" = None) -> None:
-        super().__init__(model)
-        self.spec = spec
+        super().__init__(model, spec)
         self.tuner = tuner if spec.adaptive else None
         self._offered_width = 0
         self.num_masks = spec.num_masks
@@ -98,6 +97,21 @@ class EspProposer(Proposer):
         # needed, so passes the load tuner runs without masks (a full batch) pay nothing for it.
         self._pending: list[int] = []
         self.mask_logprobs: torch.Tensor | None = None  # [k, V]
+
+    @classmethod
+    def block_rows(cls, spec: SpecConfig) -> int:
+        return (spec.num_masks + 1) * (1 + spec.esp_node_budget)
+
+    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
+        if budget.max_rows >= self.max_block_rows:
+            return budget.max_nodes, True
+        if self.masks_fit(budget):
+            return min(budget.max_nodes, budget.max_rows // (self.num_masks + 1) - 1), True
+        return min(budget.max_nodes, budget.max_rows - 1), False
+
+    def masks_fit(self, budget: DraftBudget) -> bool:
+        """Room for the root's masks and at least one masked node."""
+        return budget.max_rows >= 2 * (self.num_masks + 1)
 
     def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
         self._mask = prompt_embeds.float().mean(dim=0)

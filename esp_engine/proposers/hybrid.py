@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from ..config import SpecConfig
 from ..tree import DraftTree
-from .base import Draft
+from .base import Draft, DraftBudget
 from .esp import EspProposer, insert_candidates
 from .pld import PldProposer
+
+
+# The load tuner's name for hybrid's drafts of ESP masks alone (no chain to copy, under a cap):
+# whether they pay decides whether the next ones are drafted at all.
+MASKS_ONLY = "hybrid-masks"
 
 
 class HybridProposer(EspProposer):
@@ -27,8 +32,23 @@ class HybridProposer(EspProposer):
         those without ESP guesses too."""
         return True
 
+    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
+        if budget.max_rows >= self.max_block_rows:
+            return budget.max_nodes, True
+        if not self.chains(context) and self.masks_fit(budget) and budget.pays(MASKS_ONLY, budget.max_rows):
+            return min(budget.max_nodes, budget.max_rows // (self.num_masks + 1) - 1), True
+        # Short of room, a copied chain is worth its rows far more often than mask guesses,
+        # which would also double every row: the chain takes the whole share, without masks.
+        # Without a chain, masks are drafted only where they were seen to pay (on a CPU they rarely do).
+        return min(budget.max_nodes, budget.max_rows - 1), False
+
+    def tuner_keys(self, draft: Draft, budget: DraftBudget) -> tuple[str, ...]:
+        if draft.num_masks and budget.max_rows < self.max_block_rows:
+            return (self.tuner_key, MASKS_ONLY)
+        return (self.tuner_key,)
+
     def chains(self, context: list[int]) -> list[list[int]]:
-        """PLD's chains for this context (asked by the engine, then by `propose`, once per step)."""
+        """PLD's chains for this context (asked by `fit`, then by `propose`, once per step)."""
         if self._chains[0] != len(context):
             self._chains = (len(context), self.pld.chains(context))
         return self._chains[1]

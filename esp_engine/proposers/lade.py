@@ -15,7 +15,7 @@ import torch
 from ..config import SpecConfig
 from ..tree import BlockLayout, DraftTree
 from ..verifier import Verdict
-from .base import Draft, Proposer
+from .base import Draft, DraftBudget, Proposer
 
 
 class NgramPool:
@@ -39,12 +39,23 @@ class NgramPool:
 
 class LadeProposer(Proposer):
     def __init__(self, model, spec: SpecConfig) -> None:
-        super().__init__(model)
-        self.spec = spec
+        super().__init__(model, spec)
         self.rows = spec.lade_level - 1
         self.cols = spec.lade_window
         self.pool = NgramPool(capacity=max(spec.lade_guess, 1) * 2)
         self.window: list[list[int]] = []
+
+    @classmethod
+    def block_rows(cls, spec: SpecConfig) -> int:
+        return 1 + (spec.lade_level - 1) * (spec.lade_window + spec.lade_guess)
+
+    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
+        if budget.max_rows >= self.max_block_rows:
+            return budget.max_nodes, True
+        window = self.rows * self.cols
+        if budget.max_rows > window + 1:  # the window, and pool n-grams in what is left
+            return min(budget.max_nodes, budget.max_rows - 1 - window), True
+        return min(budget.max_nodes, budget.max_rows - 1), False
 
     def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
         # Like the reference implementation, start the window from prompt tokens; seeded by the

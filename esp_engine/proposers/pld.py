@@ -39,9 +39,9 @@ def find_ngram_drafts(context: np.ndarray, max_ngram: int, min_ngram: int, num_d
 
 
 class PldProposer(Proposer):
-    def __init__(self, model, spec: SpecConfig) -> None:
-        super().__init__(model)
-        self.spec = spec
+    @classmethod
+    def block_rows(cls, spec: SpecConfig) -> int:
+        return 1 + spec.pld_num_drafts * spec.pld_num_candidates
 
     def chains(self, context: list[int]) -> list[list[int]]:
         s = self.spec

@@ -81,7 +81,7 @@ def load_yaml_all(path: Path) -> list:
 
 def populated_metrics():
     """server.metrics.Metrics after a little traffic: every family has samples."""
-    from esp_engine.engine import StepStats
+    from esp_engine.outputs import EngineStats, StepStats
     from server.metrics import Metrics
 
     m = Metrics()
@@ -91,7 +91,7 @@ def populated_metrics():
         ("pld", 20, 5, 6, 21), ("ar", 0, 0, 1, 1),
     ]:
         m.observe_step(StepStats(method, drafted, accepted, committed, rows))
-    m.set_queue(3, 2, 123456, 0.25)
+    m.publish(EngineStats(3, 2, 123456, 0.25, 0))
     m.requests_received.labels(MODEL, "chat_completions").inc(4)
     m.requests_received.labels(MODEL, "completions").inc(1)
     m.request_success.labels(MODEL, "stop").inc(3)

@@ -1,46 +1,55 @@
 """Engine behaviour: stops inside accepted runs, bad input, request lifecycle."""
 
 import pytest
+import torch
 
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine
 from esp_engine.errors import ContextLengthError, InvalidRequestError
-from esp_engine.sequence import SequenceStatus
+from esp_engine.model_runner import DecodeOutcome, SequenceResult, StepResult
+from esp_engine.outputs import RequestOutput
+from esp_engine.proposers.base import Draft, DraftBudget
+from esp_engine.proposers.hybrid import HybridProposer
+from esp_engine.proposers.pld import PldProposer
+from esp_engine.tree import DraftTree, block_layout
+from esp_engine.verifier import Verdict
 
 PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 1, 2]
 
 
-def _running_sequence(engine: LLMEngine, **sampling) -> tuple[str, object]:
-    req_id = engine.add_request(PROMPT, SamplingParams(**sampling), SpecConfig.from_preset("pld", "bc10"))
-    engine.step()  # prefill commits the first token
-    return req_id, engine.sequences[req_id]
+def _commit(engine: LLMEngine, tokens: list[int], **sampling) -> tuple[list[int], RequestOutput]:
+    """Prefill a request, then hand the scheduler a decode pass that chose `tokens`: what it
+    commits is what a verified run of those tokens would commit."""
+    req_id = engine.add_request(PROMPT, SamplingParams(**sampling), SpecConfig(method="ar"))
+    first = engine.step()[0].new_token_ids  # prefill commits the first token
+    plan = engine.scheduler.schedule()
+    [slot] = plan.decode
+    layout = block_layout((), 0)
+    decode = DecodeOutcome(Draft(DraftTree()), layout, Verdict([], tokens), slot.budget.max_rows)
+    [out] = engine.scheduler.update(plan, StepResult([SequenceResult(req_id, tokens, decode=decode)], 1, False))
+    return first, out
 
 
 def test_stop_token_inside_an_accepted_run_discards_the_rest(tiny):
     engine = LLMEngine(tiny)
-    req_id, seq = _running_sequence(engine, max_new_tokens=50, stop_token_ids=(9,))
-    before = list(seq.output_ids)
-    out = engine._commit(seq, [7, 8, 9, 10, 11], logits=None, step=None)
+    first, out = _commit(engine, [7, 8, 9, 10, 11], max_new_tokens=50, stop_token_ids=(9,))
     assert out.new_token_ids == [7, 8] and out.finished and out.finish_reason == "stop"
-    assert out.stop_token_id == 9
-    assert seq.output_ids == before + [7, 8]
-    assert seq.status is SequenceStatus.FINISHED  # `step` gives its KV blocks back
+    assert out.stop_token_id == 9 and out.num_output_tokens == len(first) + 2
+    assert out.step.num_committed == 3  # the stop token counts as generated, as in the usage
+    assert not engine.has_unfinished() and engine.stats().kv_cache_bytes == 0  # its KV blocks are back
 
 
 def test_max_new_tokens_inside_an_accepted_run(tiny):
-    engine = LLMEngine(tiny)
-    _, seq = _running_sequence(engine, max_new_tokens=3)
-    out = engine._commit(seq, [7, 8, 9, 10], logits=None, step=None)
-    assert out.new_token_ids == [7, 8] and out.finish_reason == "length" and len(seq.output_ids) == 3
+    _, out = _commit(LLMEngine(tiny), [7, 8, 9, 10], max_new_tokens=3)
+    assert out.new_token_ids == [7, 8] and out.finish_reason == "length" and out.num_output_tokens == 3
 
 
 def test_eos_stops_unless_ignored(tiny):
     tiny_eos = type(tiny)(**{**tiny.__dict__, "eos_token_ids": (8,)})
-    engine = LLMEngine(tiny_eos)
-    _, seq = _running_sequence(engine, max_new_tokens=50)
-    assert engine._commit(seq, [7, 8, 9], logits=None, step=None).new_token_ids == [7]
-    _, seq = _running_sequence(engine, max_new_tokens=50, ignore_eos=True)
-    assert engine._commit(seq, [7, 8, 9], logits=None, step=None).new_token_ids == [7, 8, 9]
+    _, out = _commit(LLMEngine(tiny_eos), [7, 8, 9], max_new_tokens=50)
+    assert out.new_token_ids == [7] and out.stop_token_id == 8
+    _, out = _commit(LLMEngine(tiny_eos), [7, 8, 9], max_new_tokens=50, ignore_eos=True)
+    assert out.new_token_ids == [7, 8, 9] and not out.finished
 
 
 def test_end_to_end_stops_match_plain_decoding(smol, smol_engine):
@@ -71,10 +80,18 @@ def test_bad_requests_raise_clear_errors(tiny):
 
 def test_abort_frees_the_sequence(tiny):
     engine = LLMEngine(tiny)
-    req_id, seq = _running_sequence(engine, max_new_tokens=50)
-    assert engine.kv_cache_bytes() > 0
+    req_id = engine.add_request(PROMPT, SamplingParams(max_new_tokens=50), SpecConfig.from_preset("pld", "bc10"))
+    engine.step()
+    assert engine.stats().kv_cache_bytes > 0 and engine.stats().num_running == 1
     assert engine.abort_request(req_id) and not engine.abort_request(req_id)
-    assert engine.kv_cache_bytes() == 0 and not engine.has_unfinished()
+    assert engine.stats().kv_cache_bytes == 0 and not engine.has_unfinished()
+
+
+def test_a_request_id_in_use_is_refused(tiny):
+    engine = LLMEngine(tiny)
+    engine.add_request(PROMPT, SamplingParams(), req_id="a")
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(PROMPT, SamplingParams(), req_id="a")
 
 
 def test_step_interleaves_requests_until_all_finish(tiny):
@@ -88,7 +105,7 @@ def test_step_interleaves_requests_until_all_finish(tiny):
     assert [len(received[i]) for i in ids] == [5, 9, 3]
 
 
-def test_a_failing_request_ends_alone_and_frees_its_cache(tiny):
+def test_a_failing_request_ends_alone_and_frees_its_cache(tiny, monkeypatch):
     engine = LLMEngine(tiny)
     good = engine.add_request(PROMPT, SamplingParams(max_new_tokens=6), SpecConfig.from_preset("esp", "bc10"))
     bad = engine.add_request(PROMPT, SamplingParams(max_new_tokens=6), SpecConfig.from_preset("pld", "bc10"))
@@ -96,15 +113,16 @@ def test_a_failing_request_ends_alone_and_frees_its_cache(tiny):
     def broken(*args, **kwargs):
         raise ValueError("proposer exploded")
 
-    engine.sequences[bad].proposer.propose = broken
+    monkeypatch.setattr(PldProposer, "propose", broken)
     finished = {}
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
                 finished[out.req_id] = out
-    assert finished[bad].finish_reason == "error" and "proposer exploded" in finished[bad].error
+    assert finished[bad].finish_reason == "error"
+    assert isinstance(finished[bad].error, ValueError) and str(finished[bad].error) == "proposer exploded"
     assert finished[good].finish_reason == "length" and finished[good].num_output_tokens == 6
-    assert engine.kv_cache_bytes() == 0
+    assert engine.stats().kv_cache_bytes == 0
 
 
 def test_long_generations_grow_the_cache(tiny, monkeypatch):
@@ -158,22 +176,24 @@ def test_a_row_cap_shrinks_trees_as_the_batch_grows_and_stays_lossless(tiny):
              SpecConfig.from_preset("hybrid", "bc30")]
     ids = [engine.add_request(PROMPT, SamplingParams(max_new_tokens=12), spec) for spec in specs]
     received = {i: [] for i in ids}
+    rows_when_all_three_decode = []
     while engine.has_unfinished():
         outs = engine.step()
         for out in outs:
             received[out.req_id].extend(out.new_token_ids)
             if out.step is not None and len(outs) == 3:
-                assert out.step.block_rows <= 12 // 3  # each sequence's share of the cap
+                rows_when_all_three_decode.append(out.step.block_rows)
     assert all(received[i] == expected for i in ids)
+    assert rows_when_all_three_decode and max(rows_when_all_three_decode) <= 12 // 3  # each one's share of the cap
 
 
 def test_hybrid_short_of_rows_gives_them_all_to_its_chain_without_masks(tiny):
-    engine = LLMEngine(tiny)
-    req = engine.add_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], SamplingParams(max_new_tokens=30),
-                             SpecConfig.from_preset("hybrid", "bc30"))
-    seq = engine.sequences[req]
-    matching = seq.context  # "1 2 3" occurred before: PLD has a chain
-    assert engine._fit(seq, 8, matching) == (7, False)  # the chain takes all 8 rows, no masks
-    assert engine._fit(seq, 30, matching) == (29, True)  # room for the whole block: masks as usual
+    proposer = HybridProposer(tiny.model, SpecConfig.from_preset("hybrid", "bc30"))
+    matching = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # "1 2 3" occurred before: PLD has a chain
+    proposer.begin(matching, tiny.model.embed(torch.tensor(matching)))
+    assert proposer.fit(matching, DraftBudget(8, 29)) == (7, False)  # the chain takes all 8 rows, no masks
+    assert proposer.fit(matching, DraftBudget(30, 29)) == (29, True)  # room for the whole block: masks as usual
     fresh = [5, 9, 2, 7]  # no earlier occurrence of its suffix: ESP's masked tree
-    assert engine._fit(seq, 8, fresh) == (3, True)
+    assert proposer.fit(fresh, DraftBudget(8, 29)) == (3, True)
+    draft = proposer.draft(matching, DraftBudget(8, 29))
+    assert draft.num_masks == 0 and draft.tree.tokens[:4] == [4, 5, 6, 7]  # the copied chain, as far as it fits

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from esp_engine.config import SamplingParams, SpecConfig
-from esp_engine.cost_model import LoadTuner, StepCostModel
 from esp_engine.engine import LLMEngine
 from esp_engine.errors import InvalidRequestError
 from esp_engine.scheduler import SchedulerConfig
@@ -69,7 +68,7 @@ def test_sixteen_concurrent_mixed_requests_equal_their_solo_plain_outputs(smol, 
                                  SpecConfig.from_preset(method, preset))
         expected[req] = solo[i][: solo[i].index(solo[i][3])] if stop else solo[i]
     batch = []
-    received, finished = _drain(engine, lambda e, _: batch.append(e.num_running))
+    received, finished = _drain(engine, lambda e, _: batch.append(e.stats().num_running))
     assert received == expected
     assert max(batch) == len(texts) and _pool_is_empty(engine)
 
@@ -115,7 +114,7 @@ def test_a_kv_pool_too_small_for_all_makes_requests_wait_and_preempts_without_ch
     ids = [engine.add_request(prompts[0], seeded, SpecConfig.from_preset("pld", "bc10"))]
     ids += [engine.add_request(p, greedy, SpecConfig.from_preset(*MIXED[i % len(MIXED)])) for i, p in enumerate(prompts[1:], 1)]
     waited = []
-    received, finished = _drain(engine, lambda e, _: waited.append(e.num_waiting))
+    received, finished = _drain(engine, lambda e, _: waited.append(e.stats().num_waiting))
     assert received[ids[0]] == expect_seeded  # seeded sampling survives preemption and recompute
     assert [received[r] for r in ids[1:]] == expect_greedy[1:]
     assert all(finished[r] == "length" for r in ids)
@@ -143,7 +142,7 @@ def test_long_prompts_are_prefilled_in_chunks_alongside_decoding(tiny):
     mixed = []
 
     def watch(e: LLMEngine, _):
-        seq = e.sequences.get(second)
+        seq = e.scheduler.get(second)
         if seq is not None and seq.status is SequenceStatus.PREFILLING:
             mixed.append(seq.cache.length)
 
@@ -158,7 +157,7 @@ def test_max_num_seqs_bounds_the_batch(tiny):
     for p in _prompts(5):
         engine.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True), SpecConfig(method="ar"))
     sizes = []
-    received, _ = _drain(engine, lambda e, _: sizes.append(e.num_running))
+    received, _ = _drain(engine, lambda e, _: sizes.append(e.stats().num_running))
     assert max(sizes) == 2 and len(received) == 5
 
 
@@ -170,147 +169,6 @@ def test_bad_scheduler_settings_are_refused():
 
 
 # ---- load-adaptive speculation -----------------------------------------------------------------
-
-FLAT = StepCostModel(rows=[1, 64], seconds=[0.010, 0.0101])  # a GPU at small batch: rows are free
-STEEP = StepCostModel(rows=[1, 4, 10, 30, 60], seconds=[0.0145, 0.0167, 0.0213, 0.037, 0.0627], per_sequence=0.0005)
-
-
-def _trained(costs: StepCostModel, tokens_at: dict[int, float]) -> LoadTuner:
-    tuner = LoadTuner(costs)
-    for share, tokens in tokens_at.items():
-        for _ in range(200):
-            tuner.record("esp", share, tokens)
-    return tuner
-
-
-def test_load_tuner_keeps_big_trees_when_rows_are_free():
-    tuner = _trained(FLAT, {s: 1 + 0.1 * s ** 0.5 for s in (2, 3, 4, 6, 8, 12, 16, 24, 32)})
-    assert tuner.choose(["esp"], [32]) == 32
-    assert tuner.choose(["esp"] * 8, [32] * 8) == 32
-
-
-def test_load_tuner_falls_back_to_plain_decoding_when_speculation_does_not_pay():
-    # About ESP's acceptance on SmolLM2 (tau 1.13 at 10 rows, 1.21 at 30) against the CPU's step cost.
-    tuner = _trained(STEEP, {s: 1 + 0.02 * s if s < 10 else 1.13 + 0.004 * (s - 10) for s in (2, 3, 4, 6, 8, 12, 16, 24, 32)})
-    assert tuner.choose(["esp"], [32]) == 1
-    assert tuner.choose(["ar", "esp"], [1, 32]) == 1
-
-
-def test_load_tuner_shrinks_the_share_as_the_batch_grows():
-    tuner = _trained(STEEP, {2: 1.5, 3: 1.8, 4: 2.0, 6: 2.2, 8: 2.3, 12: 2.4, 16: 2.5, 24: 2.5, 32: 2.5})
-    shares = [tuner.choose(["pld"] * n, [32] * n) for n in (1, 4, 16)]
-    assert shares[0] > 1 and shares == sorted(shares, reverse=True) and shares[-1] < shares[0]
-
-
-def test_load_tuner_tries_untested_shares_only_at_small_batches():
-    fresh = LoadTuner(FLAT)
-    assert fresh.choose(["pld"], [16]) > 1  # alone: an optimistic guess costs one cheap pass
-    assert fresh.choose(["pld"] * 8, [16] * 8) == 1  # eight at once: nothing known, nothing risked
-    for _ in range(50):
-        fresh.record("pld", 16, 3, rows=10)
-    assert fresh.choose(["pld"] * 8, [16] * 8) == 16  # once measured, it pays at any batch
-
-
-def test_load_tuner_speculates_at_large_batches_only_when_clearly_ahead():
-    for gain, expected in ((1.05, 1), (1.3, 2)):
-        tuner = LoadTuner(FLAT)
-        for _ in range(200):
-            tuner.record("pld", 2, gain, rows=2)
-        assert tuner.choose(["pld"], [2]) == 2  # alone, any predicted gain is taken
-        # Eight at once: a 5% predicted gain is within the cost model's error, so plain decoding.
-        assert tuner.choose(["pld"] * 8, [2] * 8) == expected
-
-
-def test_load_tuner_corrects_its_cost_model_from_measured_passes():
-    tuner = LoadTuner(FLAT)
-    for _ in range(200):
-        tuner.record("pld", 4, 1.5, rows=4)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # modelled: 1.5x the tokens for free rows
-    for _ in range(5):  # measured: speculative passes of eight take twice what the model says
-        tuner.observe_pass(8, 32, True, 2 * FLAT.batch_cost(32, 8))
-        tuner.observe_pass(8, 8, False, FLAT.batch_cost(8, 8))
-    assert tuner.correction(True, 8) > 1.8 and tuner.correction(False, 8) == pytest.approx(1.0)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 1
-    assert tuner.choose(["pld"], [4]) > 1  # one sequence alone: another batch size, still as modelled
-
-
-def test_load_tuner_counts_an_unmeasured_speculative_pass_as_slow_as_measured_plain_ones():
-    tuner = LoadTuner(FLAT)
-    for _ in range(5):
-        tuner.observe_pass(16, 16, False, 1.4 * FLAT.batch_cost(16, 16))
-    assert tuner.correction(False, 16) == pytest.approx(1.4)
-    assert tuner.correction(True, 16) == pytest.approx(1.4)
-
-
-def test_load_tuner_stops_speculating_where_it_measured_a_loss_and_rechecks_later():
-    tuner = LoadTuner(FLAT)
-    for _ in range(200):
-        tuner.record("pld", 4, 1.5, rows=4)
-    plain = FLAT.batch_cost(8, 8)
-
-    def plain_passes(n: int) -> None:
-        for _ in range(n):
-            tuner.observe_pass(8, 8, False, plain)
-
-    plain_passes(1)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # the model predicts 1.5x
-    # Measured: speculative passes of eight commit 9 tokens in the time plain ones commit 8 in
-    # 0.8 of it, i.e. 0.9x; whatever the model says, plain decoding it is.
-    tuner.observe_pass(8, 32, True, plain / 0.8, tokens=9)
-    assert tuner.measured_gain(8) == pytest.approx(0.9)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 1
-    assert tuner.choose(["pld"], [4]) > 1  # alone: another batch size, nothing measured there
-    plain_passes(tuner.probe_every)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 1  # a measured loss doubled the wait ...
-    plain_passes(tuner.probe_every)
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 4  # ... to 64 passes: a re-check is due,
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 1  # once, even if that pass went unmeasured
-    tuner.observe_pass(8, 32, True, plain, tokens=12)  # this time speculation paid: 1.5x
-    assert tuner.measured_gain(8) > 1.0
-    assert tuner.choose(["pld"] * 8, [4] * 8) == 4
-
-
-def test_load_tuner_at_small_batches_tries_its_best_share_again_after_a_run_of_plain_passes():
-    # Early requests whose drafts were all rejected (text with nothing to copy or guess): every
-    # share recorded one token for two rows, and plain decoding would otherwise be chosen for ever.
-    tuner = LoadTuner(STEEP)
-    for share in (2, 3, 4, 6, 8, 12, 16):
-        for _ in range(200):
-            tuner.record("pld", share, 1, rows=2)
-    choices = [tuner.choose(["pld"], [16]) for _ in range(300)]
-    tries = [i for i, c in enumerate(choices) if c != 1]
-    # The first try after 32 plain passes; each try after which plain still wins doubles the wait.
-    assert tries[0] == tuner.probe_every and len(tries) == 3
-    assert tries[2] - tries[1] > tries[1] - tries[0] > tuner.probe_every
-    assert [tuner.choose(["pld"] * 8, [16] * 8) for _ in range(100)] == [1] * 100  # never at a big batch
-
-
-def test_load_tuner_says_whether_a_share_pays_for_one_sequence_alone():
-    tuner = LoadTuner(STEEP)
-    assert tuner.pays_alone("hybrid-masks", 8)  # untried: its optimistic prior
-    for _ in range(50):
-        tuner.record("hybrid-masks", 8, 1.1, rows=8)  # 10% more tokens for 30% more time
-    assert not tuner.pays_alone("hybrid-masks", 8)
-    flat = LoadTuner(FLAT)
-    for _ in range(50):
-        flat.record("hybrid-masks", 8, 1.1, rows=8)  # rows cost nothing: any gain pays
-    assert flat.pays_alone("hybrid-masks", 8)
-
-
-def test_hybrid_under_a_cap_without_a_chain_drafts_masks_only_where_they_paid(tiny):
-    engine = LLMEngine(tiny, scheduler_config=SchedulerConfig(load_adaptive=True))
-    engine.load_tuner.costs = STEEP
-    req = engine.add_request(list(range(12)), SamplingParams(max_new_tokens=20), SpecConfig.from_preset("hybrid", "bc30"))
-    seq = engine.sequences[req]
-    context = seq.context
-    assert not seq.proposer.chains(context)  # twelve distinct tokens: nothing to copy
-    assert engine._fit(seq, 8, context)[1]  # nothing known yet: masks get their try
-    for _ in range(50):
-        engine.load_tuner.record("hybrid-masks", 8, 1.1, rows=8)
-    assert not engine._fit(seq, 8, context)[1]  # seen not to pay: no mask rows
-    assert engine._fit(seq, 30, context)[1]  # the whole preset is not a cap: the full tree, masks included
-    engine.abort_request(req)
-
 
 def test_load_adaptive_engine_stays_lossless(tiny):
     prompts = _prompts(4, seed=5)
@@ -324,29 +182,34 @@ def test_load_adaptive_engine_stays_lossless(tiny):
 
 # ---- the batched pass -------------------------------------------------------------------------
 
-def test_a_batched_pass_equals_each_sequence_run_alone(tiny):
-    """Two sequences with different cache lengths and tree masks in one pass: each row's hidden
-    state equals the same block run on its own."""
-    from esp_engine.kv_cache import KVCache
+def test_a_batched_pass_equals_each_sequence_run_alone_bit_for_bit(tiny):
+    """Sequences of one pool with different cache lengths and tree masks in one pass: each row's
+    hidden state is exactly the one the same block gets run alone, so a request's tokens never
+    depend on which others share its pass."""
+    from esp_engine.kv_cache import KVPool
     from esp_engine.tree import block_layout
 
     model = tiny.model
     shape = model.shape
+    pool = KVPool(shape.num_layers, shape.num_kv_heads, shape.head_dim, 16, 16, model.dtype)
 
     def cache_with(prefix):
-        cache = KVCache.standalone(shape.num_layers, shape.num_kv_heads, shape.head_dim, 64, model.dtype)
+        cache = pool.allocate(64)
         model(cache, model.embed(torch.tensor(prefix)), torch.arange(len(prefix)), None)
         return cache
 
-    prefixes = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13]]
-    layouts = [block_layout((0, 0, 1), 1, (0, 0)), block_layout((0, 1), 0, (0, 0))]
-    blocks = [torch.tensor([3, 1, 2, 5] + [0] * layouts[0].num_tree_rows), torch.tensor([9, 4, 6])]
+    prefixes = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13], [3, 3, 3]]
+    layouts = [block_layout((0, 0, 1), 1, (0, 0)), block_layout((0, 1), 0, (0, 0)), block_layout((), 0)]
+    blocks = [torch.tensor([3, 1, 2, 5] + [0] * layouts[0].num_tree_rows), torch.tensor([9, 4, 6]), torch.tensor([2])]
+    masks = [l.attn if l.num_rows > 1 else None for l in layouts]
     alone = []
-    for prefix, layout, ids in zip(prefixes, layouts, blocks):
-        alone.append(model(cache_with(prefix), model.embed(ids), layout.offsets + len(prefix), layout.attn))
+    for prefix, layout, ids, mask in zip(prefixes, layouts, blocks, masks):
+        cache = cache_with(prefix)
+        alone.append(model(cache, model.embed(ids), layout.offsets + len(prefix), mask))
+        cache.release()
     caches = [cache_with(p) for p in prefixes]
     together = model.forward_batch(caches, model.embed(torch.cat(blocks)),
                                    torch.cat([l.offsets + len(p) for l, p in zip(layouts, prefixes)]),
-                                   [l.attn for l in layouts], [len(b) for b in blocks])
-    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+                                   masks, [len(b) for b in blocks])
+    assert torch.equal(together, torch.cat(alone))
     assert [c.length for c in caches] == [len(p) + len(b) for p, b in zip(prefixes, blocks)]

@@ -64,13 +64,66 @@ def test_load_failure_is_reported() -> None:
 def test_api_key_checked_before_the_body(loaded) -> None:
     app = build_app(ServerSettings(api_key="secret"), loader=lambda: loaded)
     with TestClient(app) as client:
+        end = time.monotonic() + 30
+        while client.get("/health").status_code != 200:  # the model binds in a background thread
+            assert time.monotonic() < end
+            time.sleep(0.01)
         r = client.post("/v1/completions", content=b"{broken")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = client.post("/v1/completions", content=b"{broken", headers={"Authorization": "Bearer secret"})
-        assert r.status_code in (400, 503)  # past the key check; 503 only if the model is not bound yet
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"  # past the key check
 
 
 @pytest.mark.parametrize("method, preset", [("medusa", "bc30"), ("esp", "bc99")])
 def test_bad_default_spec_is_refused_at_build(method: str, preset: str) -> None:
     with pytest.raises(InvalidSpecConfigError):
         build_app(ServerSettings(method=method, preset=preset))
+
+
+def _stalled_app(loaded, monkeypatch, step):
+    from esp_engine.engine import LLMEngine
+
+    monkeypatch.setattr(LLMEngine, "step", step)
+    return build_app(ServerSettings(engine_step_timeout=0.2), loader=lambda: loaded)
+
+
+def _complete_in_background(client: TestClient) -> threading.Thread:
+    body = {"prompt": "Hello", "max_tokens": 2}
+    worker = threading.Thread(target=lambda: client.post("/v1/completions", json=body), daemon=True)
+    worker.start()
+    return worker
+
+
+def test_health_fails_while_one_engine_step_hangs_and_recovers_after(loaded, monkeypatch) -> None:
+    from esp_engine.engine import LLMEngine
+
+    release = threading.Event()
+    real_step = LLMEngine.step
+
+    def hanging_step(self):
+        assert release.wait(60)
+        return real_step(self)
+
+    with TestClient(_stalled_app(loaded, monkeypatch, hanging_step)) as client:
+        wait_healthy(client)
+        worker = _complete_in_background(client)
+        end = time.monotonic() + 30
+        while (r := client.get("/health")).status_code == 200:
+            assert time.monotonic() < end, "a hung step never failed the liveness check"
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert "more than 0.2 s" in r.json()["error"]["message"]
+        release.set()
+        worker.join(60)
+        assert client.get("/health").status_code == 200  # the step finished: alive again
+
+
+def test_health_fails_once_the_engine_worker_has_died(loaded, monkeypatch) -> None:
+    def fatal_step(self):
+        raise SystemExit("the worker thread is gone")  # not an Exception: the worker loop itself ends
+
+    with TestClient(_stalled_app(loaded, monkeypatch, fatal_step)) as client:
+        wait_healthy(client)
+        _complete_in_background(client).join(60)
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "the engine worker has stopped"

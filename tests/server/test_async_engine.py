@@ -10,14 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 from esp_engine.config import SamplingParams, SpecConfig
-from esp_engine.engine import RequestOutput
 from esp_engine.errors import InvalidRequestError
-from esp_engine.sequence import SequenceStatus
+from esp_engine.outputs import EngineStats, RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError
+from server.errors import from_exception
 from server.logs import JsonFormatter
 from server.metrics import Metrics, RecentRate
 
 POISON = 666  # a prompt token whose prefill fails (the engine reports it as that request's error)
+REFUSED = 667  # a prompt token the engine finds invalid only once it works on it (the client's fault)
 
 
 class FakeEngine:
@@ -30,6 +31,7 @@ class FakeEngine:
         self.default_spec = SpecConfig.from_preset("ar")
         self.seqs: dict[str, dict] = {}
         self.aborted: list[str] = []
+        self.scheduled: list[str] = []
         self.explode = False
 
     def add_request(self, prompt_ids, sampling, spec=None, req_id=None):
@@ -47,26 +49,13 @@ class FakeEngine:
     def has_unfinished(self):
         return bool(self.seqs)
 
-    @property
-    def num_running(self):
-        return sum(s["running"] for s in self.seqs.values())
-
-    @property
-    def num_waiting(self):
-        return sum(not s["running"] for s in self.seqs.values())
-
-    def kv_cache_bytes(self):
-        return 0
-
-    @property
-    def sequences(self):
-        status = {True: SequenceStatus.RUNNING, False: SequenceStatus.WAITING}
-        return {rid: SimpleNamespace(status=status[s["running"]]) for rid, s in self.seqs.items()}
-
-    def kv_cache_usage(self):
-        return min(1.0, len(self.seqs) / 8)
+    def stats(self):
+        running = sum(s["running"] for s in self.seqs.values())
+        return EngineStats(running, len(self.seqs) - running, 64 * len(self.seqs), len(self.seqs) / 8, 0,
+                           tuple(self.scheduled))
 
     def step(self):
+        self.scheduled = []
         if self.explode:
             self.explode = False
             raise RuntimeError("the whole pass failed")
@@ -75,8 +64,11 @@ class FakeEngine:
         outputs = []
         for rid in targets:
             s = self.seqs[rid]
-            if POISON in s["prompt"]:
-                outputs.append(RequestOutput(rid, [], True, "error", len(s["prompt"]), 0, error="RuntimeError: boom"))
+            if not s["running"]:
+                self.scheduled.append(rid)
+            if POISON in s["prompt"] or REFUSED in s["prompt"]:
+                error = RuntimeError("boom") if POISON in s["prompt"] else InvalidRequestError("a bad prompt after all")
+                outputs.append(RequestOutput(rid, [], True, "error", len(s["prompt"]), 0, error=error))
                 continue
             s["running"] = True
             s["out"] += 1
@@ -142,13 +134,20 @@ def test_failing_prefill_reaches_only_its_request(engine) -> None:
         it = good.__aiter__()
         first = await it.__anext__()  # good is running before the bad one arrives
         (bad,) = await eng.add_requests([([POISON], SamplingParams(max_new_tokens=5), None)])
-        with pytest.raises(RuntimeError, match="boom"):
+        with pytest.raises(RuntimeError, match="^boom$") as engine_fault:
             await collect(bad)
+        (refused,) = await eng.add_requests([([REFUSED], SamplingParams(max_new_tokens=5), None)])
+        with pytest.raises(InvalidRequestError, match="^a bad prompt after all$") as client_fault:
+            await collect(refused)
         rest = [t async for out in it for t in out.new_token_ids]
-        return first.new_token_ids + rest
+        return first.new_token_ids + rest, engine_fault.value, client_fault.value
 
-    assert run(main()) == list(range(1, 31))
-    assert metrics.requests_aborted.labels("fake", "error")._value.get() == 1
+    tokens, engine_fault, client_fault = run(main())
+    assert tokens == list(range(1, 31))
+    # The errors keep their type and message across the thread: a client's fault is a 400, the engine's a 500.
+    assert from_exception(client_fault).status == 400 and from_exception(client_fault).message == "a bad prompt after all"
+    assert from_exception(engine_fault).status == 500 and "boom" in from_exception(engine_fault).message
+    assert metrics.requests_aborted.labels("fake", "error")._value.get() == 2
     assert eng.is_alive
 
 
@@ -214,10 +213,29 @@ def test_queue_time_rate_and_kv_usage(engine) -> None:
 
     run(main())
     value = lambda name: metrics.registry.get_sample_value(name, {"model_name": "fake"})  # noqa: E731
-    assert value("vllm:request_queue_time_seconds_count") == 3  # one per request
-    assert value("vllm:request_queue_time_seconds_sum") >= 0
+    assert value("vllm:request_queue_time_seconds_count") == 3  # one per request, when the fake first scheduled it
+    # The fake prefills one request per step: the third waited for two steps before its own.
+    assert value("vllm:request_queue_time_seconds_sum") > 0
     assert value("esp:generation_tokens_per_second") == 12 / metrics.token_rate.window_s
     assert value("vllm:kv_cache_usage_perc") == 0.0  # all finished: the fake holds nothing
+
+
+def test_gauges_follow_the_engine_snapshot(engine) -> None:
+    eng, _, metrics = engine
+    value = lambda name: metrics.registry.get_sample_value(name, {"model_name": "fake"})  # noqa: E731
+
+    async def main():
+        streams = await eng.add_requests([([1], SamplingParams(max_new_tokens=10_000), None) for _ in range(2)])
+        its = [s.__aiter__() for s in streams]
+        for it in its:
+            await it.__anext__()  # both have been prefilled and are decoding
+        seen = (value("vllm:num_requests_running"), value("esp:kv_cache_bytes"), value("vllm:kv_cache_usage_perc"),
+                eng.stats.num_running)
+        for s in streams:
+            s.abort()
+        return seen
+
+    assert run(main()) == (2, 128, 0.25, 2)
 
 
 def test_recent_rate_window() -> None:

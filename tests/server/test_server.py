@@ -11,6 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from esp_engine.errors import InvalidRequestError
+from esp_engine.proposers import proposer_class
+
 from serverutil import (
     CHAT_MESSAGES,
     COMPLETION_PROMPT,
@@ -327,34 +330,39 @@ def test_server_still_answers_after_errors(client, references) -> None:
     assert r.choices[0].text == references["completion"].text
 
 
-def test_error_inside_generation_reaches_only_that_request(server, client, references) -> None:
-    """A failure in one request's own work (here its prefill) fails it alone; a stream in progress continues."""
+def test_error_inside_generation_reaches_only_that_request(server, client, references, monkeypatch) -> None:
+    """A failure in one request's own work (here as its drafting starts, at prefill) fails it
+    alone, typed: an engine fault is a 500 with its message, a client's fault a 400; a stream in
+    progress continues."""
     worker = server.app.state.engine
-    engine = worker._engine
-    real_build = engine._build_prefill
+    proposer = proposer_class(worker.default_spec.method)
+    real_begin = proposer.begin
     poison = server.loaded.tokenizer.encode("POISON PROMPT")
+    refused = server.loaded.tokenizer.encode("REFUSED PROMPT")
 
-    def build_prefill(chunk):
-        if chunk.seq.prompt_ids == poison:
+    def begin(self, prompt_ids, prompt_embeds):
+        if prompt_ids == poison:
             raise RuntimeError("injected failure")
-        return real_build(chunk)
+        if prompt_ids == refused:
+            raise InvalidRequestError("refused deep inside the engine")
+        return real_begin(self, prompt_ids, prompt_embeds)
 
     ref = references["long"]
-    engine._build_prefill = build_prefill
-    try:
-        good = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=48, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True})
-        it = iter(good)
-        first = next(it).choices[0].text
-        with pytest.raises(openai.InternalServerError) as info:
-            client.completions.create(model=MODEL, prompt=poison, max_tokens=4)
-        assert "injected failure" in error_body(info.value)["message"]
-        with pytest.raises(openai.APIError, match="injected failure"):
-            for _ in client.completions.create(model=MODEL, prompt=poison, max_tokens=4, stream=True):
-                pass
-        rest = "".join(c.choices[0].text for c in it if c.choices)
-    finally:
-        engine._build_prefill = real_build
+    monkeypatch.setattr(proposer, "begin", begin)
+    good = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=48, temperature=0, stream=True,
+                                     extra_body={"ignore_eos": True})
+    it = iter(good)
+    first = next(it).choices[0].text
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=MODEL, prompt=poison, max_tokens=4)
+    assert error_body(info.value)["message"] == "internal error during generation: RuntimeError: injected failure"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=refused, max_tokens=4)
+    assert error_body(info.value)["message"] == "refused deep inside the engine"
+    with pytest.raises(openai.APIError, match="injected failure"):
+        for _ in client.completions.create(model=MODEL, prompt=poison, max_tokens=4, stream=True):
+            pass
+    rest = "".join(c.choices[0].text for c in it if c.choices)
     assert first + rest == ref.text
     assert worker.is_alive
 

@@ -4,7 +4,9 @@ which is accepted far more often than a mask guess, keeps at least what PLD alon
 import torch
 
 from esp_engine.config import SpecConfig
-from esp_engine.proposers.hybrid import HybridProposer
+from esp_engine.cost_model import LoadTuner, PassFeedback, SequenceFeedback, StepCostModel
+from esp_engine.proposers.base import DraftBudget
+from esp_engine.proposers.hybrid import MASKS_ONLY, HybridProposer
 from esp_engine.proposers.pld import PldProposer
 
 # "5 6 7" occurred before, followed by 8 9 10 11 12 13: the suffix "5 6 7" matches it.
@@ -50,3 +52,19 @@ def test_under_a_node_cap_the_chain_comes_first(tiny):
 def test_without_a_match_esp_takes_the_whole_budget(tiny):
     draft = _hybrid(tiny).propose([1, 2, 3, 4], max_nodes=30)
     assert draft.tree.num_nodes == 14 and all(p == 0 for p in draft.tree.parents)
+
+
+def test_under_a_cap_without_a_chain_it_drafts_masks_only_where_they_paid(tiny):
+    costs = StepCostModel(rows=[1, 4, 10, 30], seconds=[0.0145, 0.0167, 0.0213, 0.037])  # a CPU: rows cost
+    tuner = LoadTuner(costs)
+    proposer = HybridProposer(tiny.model, SpecConfig.from_preset("hybrid", "bc30"))
+    context = list(range(12))  # twelve distinct tokens: nothing to copy
+    proposer.begin(context, tiny.model.embed(torch.tensor(context)))
+    assert not proposer.chains(context)
+    capped = DraftBudget(8, 19, tuner.pays_alone)
+    assert proposer.fit(context, capped)[1]  # nothing known yet: masks get their try
+    assert proposer.tuner_keys(proposer.draft(context, capped), capped) == ("hybrid", MASKS_ONLY)
+    for _ in range(50):  # 10% more tokens for 30% more time
+        tuner.observe(PassFeedback(1, 8, True, None, 1, [SequenceFeedback((MASKS_ONLY,), 8, 1.1, 8)]))
+    assert not proposer.fit(context, capped)[1]  # seen not to pay: no mask rows
+    assert proposer.fit(context, DraftBudget(30, 19, tuner.pays_alone))[1]  # the whole preset is no cap: masks as usual

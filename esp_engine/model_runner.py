@@ -1,0 +1,199 @@
+"""One scheduled step in, plain results out: the only code that touches tensors and the device.
+
+`ModelRunner.execute(plan)` drafts each decoding sequence's block, lays every block and prefill
+chunk of the step out as rows of one forward pass, runs it, applies the LM head once to every
+row that chooses a token, verifies each block, compacts the KV cache to the accepted path, and
+applies the LM head once more to the rows proposers read back. What it returns is per sequence:
+the tokens the model chose, their log-probabilities if asked, and the proposer's readout. It
+never decides admission, stopping or finishing: that is the scheduler's `update`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import LlamaFamilyModel
+from .proposers.base import Draft
+from .sampling import token_logprobs
+from .scheduler import DecodeSlot, PrefillChunk, StepPlan
+from .sequence import Sequence
+from .tree import BlockLayout, block_layout
+from .verifier import Verdict, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DecodeOutcome:
+    """A decode block as drafted and verified."""
+
+    draft: Draft
+    layout: BlockLayout
+    verdict: Verdict
+    max_rows: int  # rows the scheduler allowed
+
+
+@dataclass(slots=True)
+class SequenceResult:
+    """One sequence's part of a step."""
+
+    req_id: str
+    token_ids: list[int] = field(default_factory=list)  # chosen by the model, in order (accepted nodes, then the bonus)
+    logprobs: list[dict] | None = None  # one entry per token of `token_ids`, when the request asked for them
+    readout: torch.Tensor | None = None  # logits of the proposer's readout rows (ESP masks, a LADE window)
+    decode: DecodeOutcome | None = None  # None for a prefill chunk
+    prefill_done: bool = False  # a prefill chunk that completed the sequence's prefill
+    error: Exception | None = None  # this sequence's work failed; the others' did not
+
+
+@dataclass(slots=True)
+class StepResult:
+    sequences: list[SequenceResult]
+    num_rows: int  # rows of the forward pass
+    is_speculative: bool  # some decode block carried more than its root
+
+
+@dataclass(slots=True)
+class _Piece:
+    """One sequence's rows in the pass, and what each stage found out about them."""
+
+    seq: Sequence
+    result: SequenceResult
+    embeds: torch.Tensor  # [M, hidden]
+    positions: torch.Tensor  # [M]
+    attn: torch.Tensor | None  # [M, M] tree mask; None: causal
+    choosing: slice  # rows whose logits choose tokens
+    block: tuple[Draft, BlockLayout, int, int] | None = None  # draft, layout, base, max_rows (decode only)
+    hidden: torch.Tensor | None = None
+    choice_logits: torch.Tensor | None = None
+    readout_hidden: torch.Tensor | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaFamilyModel) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run `plan` as one forward pass. A sequence whose own work fails is reported with its
+        error and the others go on; a failing forward pass fails every sequence in it."""
+        pieces: list[_Piece] = []
+        failed: list[SequenceResult] = []
+        for slot in plan.decode:
+            self._build(pieces, failed, slot.seq, lambda: self._decode_piece(slot))
+        for chunk in plan.prefill:
+            self._build(pieces, failed, chunk.seq, lambda: self._prefill_piece(chunk))
+        rows = [p.embeds.shape[0] for p in pieces]
+        speculative = any(p.block is not None and n > 1 for p, n in zip(pieces, rows))
+        if pieces:
+            try:
+                hidden = self.model.forward_batch([p.seq.cache for p in pieces], torch.cat([p.embeds for p in pieces]),
+                                                  torch.cat([p.positions for p in pieces]), [p.attn for p in pieces], rows)
+            except Exception as exc:
+                log.error("forward pass failed", exc_info=exc)
+                for p in pieces:
+                    p.result.error = exc
+            else:
+                for piece, part in zip(pieces, hidden.split(rows)):
+                    piece.hidden = part
+                self._finish(pieces)
+        return StepResult(failed + [p.result for p in pieces], sum(rows), speculative)
+
+    @staticmethod
+    def _build(pieces: list[_Piece], failed: list[SequenceResult], seq: Sequence, build) -> None:
+        try:
+            pieces.append(build())
+        except Exception as exc:
+            failed.append(SequenceResult(seq.req_id, error=exc))
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _decode_piece(self, slot: DecodeSlot) -> _Piece:
+        seq, model = slot.seq, self.model
+        context = seq.context
+        base = seq.cache.length  # == position of the root
+        draft = seq.proposer.draft(context, slot.budget)
+        tree = draft.tree
+        layout = block_layout(tuple(tree.parents), draft.num_masks, draft.lookahead_shape)
+        ids = [context[-1], *tree.tokens]
+        if draft.num_masks:
+            ids += [0] * (layout.num_tree_rows * draft.num_masks)
+        ids += draft.lookahead_tokens
+        embeds = model.embed(torch.tensor(ids, device=model.device))
+        if draft.num_masks:
+            embeds[layout.mask_rows] = draft.mask_embedding
+        positions = (layout.offsets + base).clamp_(max=model.shape.max_position - 1)
+        return _Piece(seq, SequenceResult(seq.req_id), embeds, positions,
+                      layout.attn if layout.num_rows > 1 else None, slice(0, layout.num_tree_rows),
+                      block=(draft, layout, base, slot.budget.max_rows))
+
+    def _prefill_piece(self, chunk: PrefillChunk) -> _Piece:
+        seq, model = chunk.seq, self.model
+        fresh = not seq.output_ids
+        embeds = model.embed(torch.tensor(seq.prefill_ids[chunk.start : chunk.end], device=model.device))
+        if fresh and chunk.start == seq.num_cached_tokens:  # the first chunk
+            whole = embeds if chunk.is_last and chunk.start == 0 else model.embed(torch.tensor(seq.prompt_ids, device=model.device))
+            seq.proposer.begin(seq.prompt_ids, whole)
+        k = seq.proposer.num_prefill_masks if fresh and chunk.is_last else 0
+        if k:
+            embeds = torch.cat([embeds, seq.proposer.mask_embedding().expand(k, -1)], dim=0)
+        positions = torch.arange(chunk.start, chunk.end + k, device=model.device).clamp_(max=model.shape.max_position - 1)
+        n = chunk.end - chunk.start
+        # A prompt's last row chooses the first output token; a recomputation after preemption
+        # chooses nothing (its next token is already committed).
+        choosing = slice(n - 1, n) if chunk.is_last and fresh else slice(0, 0)
+        return _Piece(seq, SequenceResult(seq.req_id, prefill_done=chunk.is_last), embeds, positions, None, choosing)
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def _finish(self, pieces: list[_Piece]) -> None:
+        """Choose, verify and read back: the LM head runs twice for the whole batch."""
+        live = [p for p in pieces if p.choosing.stop > p.choosing.start]
+        for piece, logits in zip(live, self._logits([p.hidden[p.choosing] for p in live])):
+            piece.choice_logits = logits
+        for piece in pieces:
+            self._guard(piece, self._choose)
+        live = [p for p in pieces if p.readout_hidden is not None and p.result.error is None]
+        for piece, logits in zip(live, self._logits([p.readout_hidden for p in live])):
+            piece.result.readout = logits
+
+    @staticmethod
+    def _guard(piece: _Piece, stage) -> None:
+        try:
+            stage(piece)
+        except Exception as exc:
+            piece.result.error = exc
+
+    def _choose(self, piece: _Piece) -> None:
+        """Tokens from the choosing rows; the KV cache keeps what plain decoding would have."""
+        seq, result = piece.seq, piece.result
+        if piece.block is not None:
+            draft, layout, base, max_rows = piece.block
+            verdict = verify(draft.tree, piece.choice_logits, seq.chooser)
+            seq.cache.compact(base, [base] + [base + r for r in verdict.accepted_rows])
+            result.decode = DecodeOutcome(draft, layout, verdict, max_rows)
+            result.token_ids = verdict.committed
+            rows = seq.proposer.readout_rows(draft, layout, verdict)
+            piece.readout_hidden = None if rows is None else piece.hidden[rows]
+            if seq.sampling.logprobs is not None:
+                result.logprobs = token_logprobs(piece.choice_logits[[0, *verdict.accepted_rows]], verdict.committed,
+                                                 seq.sampling.logprobs)
+            return
+        if piece.choice_logits is None:
+            return  # a prefill chunk that chooses nothing
+        n = piece.choosing.stop
+        seq.cache.truncate(seq.cache.length - (piece.embeds.shape[0] - n))  # drop the masks' KV
+        result.token_ids = [seq.chooser.choose(piece.choice_logits[0])]
+        piece.readout_hidden = piece.hidden[n:]  # the prefill masks (ESP), if any
+        if seq.sampling.logprobs is not None:
+            result.logprobs = token_logprobs(piece.choice_logits, result.token_ids, seq.sampling.logprobs)
+
+    def _logits(self, groups: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The LM head over every group's rows at once, split back per group (None where empty)."""
+        sizes = [g.shape[0] for g in groups]
+        if not sum(sizes):
+            return [None] * len(groups)
+        logits = self.model.logits(torch.cat([g for g in groups if g.shape[0]]))
+        parts = iter(logits.split([n for n in sizes if n]))
+        return [next(parts) if n else None for n in sizes]
