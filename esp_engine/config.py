@@ -167,6 +167,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per committed token; 0 = only the chosen one
+    # Top-N alternatives per prompt token (scoring, `echo`), computed in the prefill pass; None: not asked.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -175,10 +177,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1, 0 or positive, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise InvalidRequestError(f"max_new_tokens must be 0 (score the prompt only) or more, got {self.max_new_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"logprobs must be in 0..20, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(f"prompt_logprobs must be in 0..20, got {self.prompt_logprobs}")
 
     @property
     def is_greedy(self) -> bool:

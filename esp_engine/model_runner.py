@@ -46,6 +46,9 @@ class SequenceResult:
     readout: torch.Tensor | None = None  # logits of the proposer's readout rows (ESP masks, a LADE window)
     decode: DecodeOutcome | None = None  # None for a prefill chunk
     prefill_done: bool = False  # a prefill chunk that completed the sequence's prefill
+    # Prefill chunks of a request that asked: log-probabilities of prompt tokens start+1, start+2, ...
+    prompt_logprobs: list[dict] | None = None
+    prompt_start: int = 0  # the chunk's first position
     error: Exception | None = None  # this sequence's work failed; the others' did not
 
 
@@ -142,9 +145,13 @@ class ModelRunner:
         positions = torch.arange(chunk.start, chunk.end + k, device=model.device).clamp_(max=model.shape.max_position - 1)
         n = chunk.end - chunk.start
         # A prompt's last row chooses the first output token; a recomputation after preemption
-        # chooses nothing (its next token is already committed).
-        choosing = slice(n - 1, n) if chunk.is_last and fresh else slice(0, 0)
-        return _Piece(seq, SequenceResult(seq.req_id, prefill_done=chunk.is_last), embeds, positions, None, choosing)
+        # chooses nothing (its next token is already committed). Scoring the prompt reads every row.
+        if fresh and seq.sampling.prompt_logprobs is not None:
+            choosing = slice(0, n)
+        else:
+            choosing = slice(n - 1, n) if chunk.is_last and fresh else slice(0, 0)
+        result = SequenceResult(seq.req_id, prefill_done=chunk.is_last, prompt_start=chunk.start)
+        return _Piece(seq, result, embeds, positions, None, choosing)
 
     # ---- outputs ------------------------------------------------------------------------------
     def _finish(self, pieces: list[_Piece]) -> None:
@@ -182,12 +189,19 @@ class ModelRunner:
             return
         if piece.choice_logits is None:
             return  # a prefill chunk that chooses nothing
-        n = piece.choosing.stop
+        logits = piece.choice_logits
+        start, n = result.prompt_start, piece.choosing.stop
+        if seq.sampling.prompt_logprobs is not None:  # row i predicts prompt token start+i+1
+            targets = seq.prompt_ids[start + 1 : start + n + 1]
+            result.prompt_logprobs = token_logprobs(logits[: len(targets)], targets, seq.sampling.prompt_logprobs,
+                                                    with_rank=True)
+        if not result.prefill_done:
+            return
         seq.cache.truncate(seq.cache.length - (piece.embeds.shape[0] - n))  # drop the masks' KV
-        result.token_ids = [seq.chooser.choose(piece.choice_logits[0])]
+        result.token_ids = [seq.chooser.choose(logits[-1])]
         piece.readout_hidden = piece.hidden[n:]  # the prefill masks (ESP), if any
         if seq.sampling.logprobs is not None:
-            result.logprobs = token_logprobs(piece.choice_logits, result.token_ids, seq.sampling.logprobs)
+            result.logprobs = token_logprobs(logits[-1:], result.token_ids, seq.sampling.logprobs)
 
     def _logits(self, groups: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The LM head over every group's rows at once, split back per group (None where empty)."""

@@ -31,6 +31,8 @@ class RequestOutput:
     stop_token_id: int | None = None  # the EOS/stop id that ended the request (not in new_token_ids)
     error: Exception | None = None  # set with finish_reason "error": this request failed, others go on
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # With the first output of a request that asked for them: one entry per prompt token, None for the first.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass(slots=True)

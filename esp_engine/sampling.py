@@ -61,12 +61,17 @@ class TokenChooser:
         return index
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[dict]:
-    """Log-probabilities of the chosen tokens under the raw model distribution, with the top-N."""
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int, with_rank: bool = False) -> list[dict]:
+    """Log-probabilities of the chosen tokens under the raw model distribution, with the top-N
+    (and, `with_rank`, each token's rank in the vocabulary: 1 for the most likely)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(token_ids)), torch.tensor(token_ids, dtype=torch.long)]
+    ranks = (logp > chosen[:, None]).sum(dim=-1).add_(1).tolist() if with_rank else None
     out = []
     for row, tok in enumerate(token_ids):
-        entry = {"token_id": tok, "logprob": float(logp[row, tok]), "top": []}
+        entry = {"token_id": tok, "logprob": float(chosen[row]), "top": []}
+        if ranks is not None:
+            entry["rank"] = ranks[row]
         if top_n > 0:
             values, ids = torch.topk(logp[row], top_n)
             entry["top"] = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]

@@ -185,7 +185,7 @@ class Scheduler:
                 break  # first come, first served: later requests do not overtake it
             self.waiting.popleft()
             seq.cache = cache
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and seq.sampling.prompt_logprobs is None:  # scoring reads every prompt row
                 cached = self.prefix_cache.load(seq.prefill_ids, cache)
                 if not seq.output_ids:  # a recomputation after preemption is not the client's prompt
                     seq.num_cached_tokens = cached
@@ -289,6 +289,8 @@ class Scheduler:
         if part.error is not None:
             return self._fail(seq, part.error)
         if part.decode is None:  # a prefill chunk
+            if part.prompt_logprobs is not None:  # a chunk prefilled anew after a preemption replaces its entries
+                seq.prompt_logprobs = (seq.prompt_logprobs or [None])[: part.prompt_start + 1] + part.prompt_logprobs
             if not part.prefill_done:
                 return None
             seq.status = SequenceStatus.RUNNING
@@ -296,8 +298,14 @@ class Scheduler:
                 return None
             if self.prefix_cache is not None:
                 self.prefix_cache.store(seq.prompt_ids, seq.cache)
-            seq.proposer.on_prefill(part.readout)
-            return self._commit(seq, part.token_ids, part.logprobs, step=None)
+            if seq.sampling.max_new_tokens == 0:  # scoring only: the prompt's log-probabilities are the answer
+                seq.finish_reason = "length"
+                out = self._output(seq, [], None, None, None)
+            else:
+                seq.proposer.on_prefill(part.readout)
+                out = self._commit(seq, part.token_ids, part.logprobs, step=None)
+            out.prompt_logprobs = seq.prompt_logprobs
+            return out
         outcome = part.decode
         draft, verdict = outcome.draft, outcome.verdict
         seq.proposer.observe(draft, outcome.layout, part.readout, verdict)
@@ -329,9 +337,13 @@ class Scheduler:
             step.num_committed = len(kept) + (stop_token is not None)
         seq.output_ids.extend(kept)
         seq.proposer.on_commit(kept)
+        return self._output(seq, kept, logprobs[: len(kept)] if logprobs and kept else None, step, stop_token)
+
+    @staticmethod
+    def _output(seq: Sequence, kept: list[int], logprobs: list[dict] | None, step: StepStats | None,
+                stop_token: int | None) -> RequestOutput:
         return RequestOutput(seq.req_id, kept, seq.finish_reason is not None, seq.finish_reason, len(seq.prompt_ids),
-                             len(seq.output_ids), logprobs[: len(kept)] if logprobs and kept else None, step,
-                             stop_token, num_cached_tokens=seq.num_cached_tokens)
+                             len(seq.output_ids), logprobs, step, stop_token, num_cached_tokens=seq.num_cached_tokens)
 
     @staticmethod
     def _fail(seq: Sequence, exc: Exception) -> RequestOutput:

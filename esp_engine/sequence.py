@@ -32,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     was_scheduled: bool = False  # admitted at least once (a preempted one comes back as a recomputation)
+    prompt_logprobs: list[dict | None] | None = None  # per prompt token (the first has none), when asked
 
     @property
     def context(self) -> list[int]:
