@@ -7,7 +7,7 @@
 The benchmark is a client only: it drives an already-running server (esp-serve, or any other
 server speaking the OpenAI API, vLLM included) through the official `openai` SDK, with streaming
 chat completions (`stream_options.include_usage`) over the first turns of Spec-Bench questions
-(the same jsonl and selection as `esp-bench`; the server applies the chat template). Every
+(the same jsonl and selection as `esp-bench run`; the server applies the chat template). Every
 concurrency level of the sweep sends the same prompt set; at level c, c clients each take the
 next prompt as soon as their previous request ends, so c requests are in flight until fewer than
 c remain. An untimed warmup (`--warmup`, one request by default) runs before the sweep.

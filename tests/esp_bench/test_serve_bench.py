@@ -1,4 +1,4 @@
-"""`esp-bench serve`: the serving benchmark against the session's real server, its statistics, its CLI."""
+"""`esp-bench serve`: the serving benchmark against a real server, its statistics, its CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-from conftest import API_KEY
 
 from esp_bench import serve_bench
 from esp_bench.cli import build_parser, main
@@ -35,12 +34,13 @@ SYSTEM = ("You are a quiz assistant for a school. Answer every question in a few
           "and never add an explanation unless the student asks for one.")
 
 
-def test_serve_benchmark_end_to_end(server_url, prompts_file, tmp_path, capsys):
+def test_serve_benchmark_end_to_end(bench_server, prompts_file, tmp_path, capsys):
     out = tmp_path / "serve.json"
     system = tmp_path / "system.txt"
     system.write_text(SYSTEM)
+    url, key = bench_server
     rc = main([
-        "serve", "--base-url", server_url + "/v1", "--api-key", API_KEY, "--prompts", str(prompts_file),
+        "serve", "--base-url", url + "/v1", "--api-key", key, "--prompts", str(prompts_file),
         "--max-tokens", "8", "--concurrency", "1,2", "--spec-method", "esp", "--spec-preset", "bc10",
         "--system-prompt", f"@{system}", "--no-progress", "--json", str(out),
     ])
@@ -51,12 +51,12 @@ def test_serve_benchmark_end_to_end(server_url, prompts_file, tmp_path, capsys):
 
     report = json.loads(out.read_text())
     assert set(report) >= {"base_url", "model", "settings", "levels"}
-    assert report["base_url"] == server_url + "/v1"
+    assert report["base_url"] == url + "/v1"
     assert report["model"] == "smollm2-135m-instruct"  # the first of /v1/models
     settings = report["settings"]
     assert settings["concurrency"] == [1, 2] and settings["num_prompts"] == 3 and settings["max_tokens"] == 8
     assert settings["spec_method"] == "esp" and settings["spec_preset"] == "bc10"
-    assert settings["metrics_url"] == server_url + "/metrics"
+    assert settings["metrics_url"] == url + "/metrics"
     assert settings["system_prompt_chars"] == len(SYSTEM)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
     for lv in report["levels"]:
@@ -77,10 +77,11 @@ def test_serve_benchmark_end_to_end(server_url, prompts_file, tmp_path, capsys):
         assert lv["counter_deltas"]["esp:forward_calls"] > 0
 
 
-def test_serve_benchmark_counts_errors(server_url, prompts_file):
+def test_serve_benchmark_counts_errors(bench_server, prompts_file):
     """A refused request (unknown spec method) is an error, not a crash; the sweep goes on."""
-    settings = serve_bench.ServeSettings(prompts=str(prompts_file), base_url=server_url + "/v1",
-                                         api_key=API_KEY, model="smollm2-135m-instruct", max_tokens=4,
+    url, key = bench_server
+    settings = serve_bench.ServeSettings(prompts=str(prompts_file), base_url=url + "/v1",
+                                         api_key=key, model="smollm2-135m-instruct", max_tokens=4,
                                          concurrency=[2], spec_method="no-such-method", warmup=0)
     prompts = load_prompts(prompts_file)
     levels: list[dict] = []
