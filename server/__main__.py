@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
+from types import FrameType
 
 import uvicorn
 
@@ -16,7 +18,9 @@ from esp_engine.errors import InvalidRequestError, InvalidSpecConfigError
 from esp_engine.loader import LoadedModel
 from esp_engine.scheduler import SchedulerConfig
 
+from .admission import DEFAULT_MAX_WAITING_REQUESTS, Admission
 from .app import ServerSettings, build_app
+from .limits import DEFAULT_MAX_REQUEST_BYTES
 from .logs import LOG_FORMATS, configure
 
 log = logging.getLogger("server.cli")
@@ -39,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's)")
+    lim = p.add_argument_group("limits and shutdown")
+    lim.add_argument("--max-request-bytes", type=_at_least(1), default=DEFAULT_MAX_REQUEST_BYTES,
+                     help=f"larger request bodies get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    lim.add_argument("--max-waiting-requests", type=_at_least(0), default=DEFAULT_MAX_WAITING_REQUESTS,
+                     help="requests queued beyond --max-num-seqs before new ones get 429 with Retry-After "
+                          f"(default {DEFAULT_MAX_WAITING_REQUESTS})")
+    lim.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long requests in flight may run before the server exits "
+                          "(default 30); a second signal exits at once")
     b = p.add_argument_group("batching and KV cache")
     b.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded at once (default 64)")
     b.add_argument("--max-num-batched-tokens", type=int, default=1024,
@@ -56,7 +69,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
                    help="'json': one JSON object per log line on stderr, uvicorn's lines included")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.shutdown_timeout >= 0:
+        p.error("--shutdown-timeout must be a number of seconds, 0 or more")
+    return args
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its error message
+    return parse
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain: the first SIGTERM or SIGINT stops admitting work (503, /ready
+    fails) while the listener stays open, and the server exits once the requests in flight
+    have finished or `timeout` has passed; a second signal exits at once.
+
+    uvicorn's own handling closes the listener at the first signal, and then re-raises the
+    signal, so a drained SIGTERM would end the process as killed rather than with status 0."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, timeout: float) -> None:
+        super().__init__(config)
+        self.admission = admission
+        self.timeout = timeout
+        self.first_signal: int | None = None
+        self._deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.first_signal is not None:
+            os._exit(128 + sig)  # the conventional status of a process ended by that signal
+        self.first_signal = sig
+        self.admission.begin_drain()
+        self._deadline = time.monotonic() + self.timeout
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._deadline is not None and not self.should_exit:
+            if self.admission.in_flight == 0:
+                log.info("drained: no requests in flight; shutting down")
+                self.should_exit = True
+            elif time.monotonic() >= self._deadline:
+                log.warning("shutdown timeout reached with %d request(s) in flight; cancelling them",
+                            self.admission.in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = ServerSettings(model=args.model, method=args.method, preset=args.preset, dtype=args.dtype,
                               device=args.device, max_model_len=args.max_model_len, api_key=args.api_key or None,
-                              served_model_name=args.served_model_name, scheduler=scheduler)
+                              served_model_name=args.served_model_name, scheduler=scheduler,
+                              max_request_bytes=args.max_request_bytes,
+                              max_waiting_requests=args.max_waiting_requests,
+                              shutdown_timeout=args.shutdown_timeout)
     failed = threading.Event()
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_ready(loaded: LoadedModel) -> None:
         # The model may finish loading before uvicorn has bound its socket; the URL is only true after.
@@ -106,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         complain(f"esp-serve: {exc}")
         return 2
     extra = {"log_config": uvicorn_log_config} if uvicorn_log_config else {}  # text: uvicorn's own format
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, **extra))
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
-        return 130
-    return 1 if failed.is_set() else 0
+    # Once drained, only idle connections remain open, so uvicorn's own wait stays short; after
+    # a timed-out drain it cancels what is left.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, **extra)
+    server = DrainingServer(config, app.state.admission, args.shutdown_timeout)
+    server.run()
+    if failed.is_set():
+        return 1
+    return 130 if server.first_signal == signal.SIGINT else 0  # 130: Ctrl-C's conventional status
 
 
 def _bound_address(server: uvicorn.Server, host: str, port: int) -> tuple[str, int]:

@@ -29,20 +29,36 @@ from esp_engine.scheduler import SchedulerConfig
 from esp_engine.errors import EngineError
 from esp_engine.loader import LoadedModel, load_model
 
+from .admission import DEFAULT_MAX_WAITING_REQUESTS, Admission, DrainGate
 from .async_engine import AsyncEngine
 from .errors import APIError, from_exception, http_error, not_ready
+from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware, StrictJSONRoute
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import document_errors, responses
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorInfo,
+    HealthResponse,
     ModelCard,
     ModelList,
+    ReadinessResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving import ClientDisconnected, Context, chat_prompt_ids, check_model, create_chat_completion, create_completion
+from .serving import (
+    ClientDisconnected,
+    Context,
+    SSEStream,
+    chat_prompt_ids,
+    check_model,
+    create_chat_completion,
+    create_completion,
+)
 
 log = logging.getLogger("server")
 
@@ -60,6 +76,11 @@ class ServerSettings:
     max_model_len: int | None = None
     api_key: str | None = None
     served_model_name: str | None = None
+    # Limits: request bodies (413 beyond), engine requests queued beyond the running cap (429
+    # beyond), and how long a shutdown signal waits for requests in flight.
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    shutdown_timeout: float = 30.0
     # Batching and KV memory; speculation adapts to load and prompt prefixes are cached unless told otherwise.
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True,
                                                                                 enable_prefix_caching=True))
@@ -117,14 +138,21 @@ def build_app(
                 engine.shutdown()
 
     app = FastAPI(title="esp-serve", lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
     app.state.settings = settings
     app.state.engine = None
     app.state.load_error = None
     app.state.metrics = Metrics()
+    app.state.admission = Admission(settings.scheduler.max_num_seqs, settings.max_waiting_requests,
+                                    app.state.metrics)
+    # Added innermost first: the key is checked before anything, then draining, then the body size.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, on_error=_scope_error)
+    app.add_middleware(DrainGate, admission=app.state.admission, on_error=_scope_error)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     _add_error_handlers(app)
     _add_routes(app)
+    document_errors(app)
     return app
 
 
@@ -135,40 +163,57 @@ def _context(request: Request) -> Context:
             raise APIError(503, f"the model failed to load: {state.load_error}", code="model_load_failed")
         raise not_ready()
     name = state.settings.served_model_name or state.engine.loaded.name
-    return Context(state.engine, name, state.metrics)
+    return Context(state.engine, name, state.metrics, state.admission)
 
 
 def _add_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=responses(503, ok=HealthResponse))
     async def health(request: Request) -> dict:
         ctx = _context(request)
         if not ctx.engine.is_alive:
             raise APIError(503, "the engine worker has stopped", code="engine_unavailable")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/ready", response_model=ReadinessResponse,
+             responses={**responses(ok=ReadinessResponse),
+                        503: {"model": ReadinessResponse, "description": "Not ready: loading, saturated or draining"}})
+    async def ready(request: Request) -> JSONResponse:
+        state = request.app.state
+        admission: Admission = state.admission
+        verdict = admission.readiness(state.engine, state.load_error)
+        body = ReadinessResponse(status=verdict.status, message=verdict.message, outstanding=admission.outstanding,
+                                 capacity=admission.capacity)
+        if not verdict.ready:
+            body.error = ErrorInfo(message=verdict.message, type="service_unavailable", code=verdict.status)
+        return JSONResponse(body.model_dump(), status_code=200 if verdict.ready else 503)
+
+    @app.get("/metrics", response_class=Response,
+             responses={**responses(), 200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                                             "description": "Prometheus text format"}})
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=responses(401, 503, ok=ModelList))
     async def models(request: Request) -> dict:
         ctx = _context(request)
         card = ModelCard(id=ctx.served_model_name, root=ctx.engine.loaded.source, max_model_len=ctx.max_model_len)
         return ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=responses(400, 401, 404, 413, 429, 503, ok=CompletionResponse,
+                                                      stream=True))
     async def completions(body: CompletionRequest, request: Request) -> Any:
         ctx = _context(request)
         ctx.metrics.requests_received.labels(ctx.served_model_name, "completions").inc()
         return _respond(await create_completion(ctx, body, request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=responses(400, 401, 404, 413, 429, 503, ok=ChatCompletionResponse,
+                                                           stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         ctx = _context(request)
         ctx.metrics.requests_received.labels(ctx.served_model_name, "chat_completions").inc()
         return _respond(await create_chat_completion(ctx, body, request))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=responses(400, 401, 404, 413, 503, ok=TokenizeResponse))
     async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         ctx = _context(request)
         check_model(ctx, body.model)
@@ -178,7 +223,7 @@ def _add_routes(app: FastAPI) -> None:
             ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len).model_dump()
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=responses(400, 401, 404, 413, 503, ok=DetokenizeResponse))
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
         ctx = _context(request)
         check_model(ctx, body.model)
@@ -188,17 +233,36 @@ def _add_routes(app: FastAPI) -> None:
         return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump()
 
 
-def _respond(result: dict | AsyncIterator[dict]) -> Any:
+class _SSEResponse(EventSourceResponse):
+    """An SSE response that frees its engine requests however it ends (the client may leave
+    before the stream produced its first event, when the event generator never ran)."""
+
+    def __init__(self, stream: SSEStream) -> None:
+        super().__init__(stream.events(), sep="\n")
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
+def _respond(result: dict | SSEStream) -> Any:
     if isinstance(result, dict):
         return JSONResponse(result)
-    return EventSourceResponse(result, sep="\n")
+    return _SSEResponse(result)
 
 
 def _error_response(app: Any, error: APIError) -> JSONResponse:
     metrics: Metrics = app.state.metrics
     if metrics.model_name:  # errors before the model is bound (503 while loading) have no model label
         metrics.request_errors.labels(metrics.model_name, str(error.status)).inc()
-    return JSONResponse(error.body().model_dump(), status_code=error.status)
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
+
+
+def _scope_error(scope: Scope, error: APIError) -> JSONResponse:
+    return _error_response(scope["app"], error)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -235,7 +299,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return _error_response(request.app, http_error(exc.status_code, detail))
+        error = http_error(exc.status_code, detail)
+        error.headers = dict(exc.headers) if exc.headers else None  # 405 carries Allow
+        return _error_response(request.app, error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

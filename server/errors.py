@@ -12,13 +12,14 @@ from .protocol import ErrorInfo, ErrorResponse
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_ or _default_type(status)
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
@@ -29,6 +30,8 @@ def _default_type(status: int) -> str:
         return "authentication_error"
     if status == 404:
         return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
     if status >= 500:
         return "server_error" if status != 503 else "service_unavailable"
     return "invalid_request_error"

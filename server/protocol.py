@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+# Integers reach torch and C code, which hold at most 64 (seeds) or 32 bits (counts); checked
+# here so an out-of-range value is a 400, not an overflow in the engine.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 def random_id(prefix: str) -> str:
@@ -32,11 +36,11 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, le=INT32_MAX)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # extension (vLLM): 0 or -1 disables
-    seed: int | None = None
+    top_k: int | None = Field(None, le=INT32_MAX)  # extension (vLLM): 0 or -1 disables
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -194,7 +198,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -408,3 +412,17 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadinessResponse(BaseModel):
+    """GET /ready: whether this replica should be sent work now, and why not."""
+
+    status: Literal["ready", "loading", "load_failed", "engine_unavailable", "saturated", "draining"]
+    message: str
+    outstanding: int  # engine requests running or waiting
+    capacity: int  # the outstanding count past which new work is refused with 429
+    error: ErrorInfo | None = None  # set when not ready, so the 503 reads like every other error

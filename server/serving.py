@@ -20,8 +20,10 @@ from esp_engine.chat import render_chat
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.errors import ContextLengthError, EngineError, InvalidRequestError
 
+from .admission import Admission, Ticket
 from .async_engine import AsyncEngine, EngineDeadError
 from .errors import APIError, from_exception, model_not_found
+from .limits import check_prompt_chars
 from .metrics import Metrics
 from .outputs import ChoiceDelta, ChoiceRun, TokenInfo, merge, token_bytes, token_string
 from .protocol import (
@@ -60,6 +62,7 @@ class Context:
     engine: AsyncEngine
     served_model_name: str
     metrics: Metrics
+    admission: Admission
 
     def count_finish(self, reason: str) -> None:
         self.metrics.request_success.labels(self.served_model_name, reason).inc()
@@ -129,7 +132,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_
 
 async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                  default_cap: int | None, logprobs: int | None, prompt_param: str, meta: dict,
-                 endpoint: str) -> list[ChoiceRun]:
+                 endpoint: str) -> tuple[list[ChoiceRun], Ticket]:
+    """Queue the engine requests; the ticket holds their place in admission until released."""
     try:
         spec = resolve_spec(req.spec_method, req.spec_preset, ctx.engine.default_spec)
         requests = []
@@ -138,23 +142,32 @@ async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], m
                 raise InvalidRequestError("the prompt is empty: give at least one token")
             max_new = resolve_max_tokens(max_tokens, len(ids), ctx.max_model_len, default_cap)
             requests += [(ids, sampling_params(req, max_new, logprobs, j), spec) for j in range(req.n)]
-        streams = await ctx.engine.add_requests(requests, request_id=meta["id"], endpoint=endpoint)
+        ticket = ctx.admission.acquire(len(requests))
+        try:
+            streams = await ctx.engine.add_requests(requests, request_id=meta["id"], endpoint=endpoint)
+        except BaseException:
+            ticket.release()
+            raise
     except (EngineError, EngineDeadError) as exc:
         raise from_exception(exc, prompt_param) from exc
-    return [ChoiceRun(i, s, ctx.tokenizer, ids, req.stop_list, ctx.count_finish)
+    runs = [ChoiceRun(i, s, ctx.tokenizer, ids, req.stop_list, ctx.count_finish)
             for i, (s, (ids, _, _)) in enumerate(zip(streams, requests))]
+    return runs, ticket
 
 
 # ---- completions -------------------------------------------------------------------------
 
 
-async def create_completion(ctx: Context, req: CompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
+async def create_completion(ctx: Context, req: CompletionRequest, request: Request) -> "dict | SSEStream":
     check_model(ctx, req.model)
     tok = ctx.tokenizer
+    for p in req.prompts():
+        if isinstance(p, str):
+            check_prompt_chars(len(p), tok, ctx.max_model_len, "prompt")
     prompts = [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts()]
     meta = dict(id=random_id("cmpl"), created=int(time.time()), model=ctx.served_model_name)
-    runs = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs, "prompt",
-                        meta, "completions")
+    runs, ticket = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs,
+                                "prompt", meta, "completions")
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [tok.decode(r.prompt_ids) if req.echo else "" for r in runs]
 
@@ -163,8 +176,9 @@ async def create_completion(ctx: Context, req: CompletionRequest, request: Reque
         return CompletionChoice(index=run.index, text=text, logprobs=lp, finish_reason=delta.finish_reason)
 
     if req.stream:
-        return _sse(_completion_chunks(runs, meta, echo, choice, prompt_tokens, req.include_usage_chunk), runs)
-    deltas = await _collect(runs, request)
+        return SSEStream(_completion_chunks(runs, meta, echo, choice, prompt_tokens, req.include_usage_chunk),
+                         runs, ticket)
+    deltas = await _collect(runs, ticket, request)
     choices = []
     for run, ds in zip(runs, deltas):
         whole = _join(ds)
@@ -205,20 +219,21 @@ def completion_logprobs(tokenizer: Any, tokens: list[TokenInfo], offset: int) ->
 # ---- chat --------------------------------------------------------------------------------
 
 
-async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
+async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, request: Request) -> "dict | SSEStream":
     check_model(ctx, req.model)
     tok = ctx.tokenizer
+    check_prompt_chars(sum(len(m.text) for m in req.messages), tok, ctx.max_model_len, "messages")
     ids = chat_prompt_ids(tok, req.messages, req.add_generation_prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     meta = dict(id=random_id("chatcmpl"), created=int(time.time()), model=ctx.served_model_name)
-    runs = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions")
+    runs, ticket = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions")
 
     def lp(delta: ChoiceDelta) -> ChatLogprobs | None:
         return chat_logprobs(tok, delta.tokens) if req.logprobs else None
 
     if req.stream:
-        return _sse(_chat_chunks(runs, meta, lp, len(ids), req.include_usage_chunk), runs)
-    deltas = await _collect(runs, request)
+        return SSEStream(_chat_chunks(runs, meta, lp, len(ids), req.include_usage_chunk), runs, ticket)
+    deltas = await _collect(runs, ticket, request)
     choices = []
     for run, ds in zip(runs, deltas):
         whole = _join(ds)
@@ -272,7 +287,7 @@ def _join(deltas: list[ChoiceDelta]) -> ChoiceDelta:
                        last.finish_reason, last.completion_tokens)
 
 
-async def _collect(runs: list[ChoiceRun], request: Request) -> list[list[ChoiceDelta]]:
+async def _collect(runs: list[ChoiceRun], ticket: Ticket, request: Request) -> list[list[ChoiceDelta]]:
     """Gather every choice's deltas; a client that hangs up cancels (and frees) its requests."""
     results: list[list[ChoiceDelta]] = [[] for _ in runs]
 
@@ -293,8 +308,7 @@ async def _collect(runs: list[ChoiceRun], request: Request) -> list[list[ChoiceD
     finally:
         watcher.cancel()
         work.cancel()
-        for run in runs:
-            run.stream.abort("client")
+        _close(runs, ticket)
     return results
 
 
@@ -305,16 +319,34 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _sse(chunks: AsyncIterator[str], runs: list[ChoiceRun]) -> AsyncIterator[dict]:
-    """SSE events: the chunks, an error event if generation fails, then [DONE]."""
-    try:
+def _close(runs: list[ChoiceRun], ticket: Ticket) -> None:
+    for run in runs:
+        run.stream.abort("client")  # a no-op for a finished run
+    ticket.release()
+
+
+class SSEStream:
+    """SSE events: the chunks, an error event if generation fails, then [DONE].
+
+    `close` frees the engine requests and their admission; the response calls it however it
+    ends, even when the client left before the first event was produced."""
+
+    def __init__(self, chunks: AsyncIterator[str], runs: list[ChoiceRun], ticket: Ticket) -> None:
+        self._chunks = chunks
+        self._runs = runs
+        self._ticket = ticket
+
+    def close(self) -> None:
+        _close(self._runs, self._ticket)
+
+    async def events(self) -> AsyncIterator[dict]:
         try:
-            async for data in chunks:
-                yield {"data": data}
-        except Exception as exc:
-            error = from_exception(exc)
-            yield {"data": error.body().model_dump_json()}
-        yield {"data": "[DONE]"}
-    finally:  # also runs when the client disconnects and the response task is cancelled
-        for run in runs:
-            run.stream.abort("client")
+            try:
+                async for data in self._chunks:
+                    yield {"data": data}
+            except Exception as exc:
+                error = from_exception(exc)
+                yield {"data": error.body().model_dump_json()}
+            yield {"data": "[DONE]"}
+        finally:  # also runs when the client disconnects and the response task is cancelled
+            self.close()
