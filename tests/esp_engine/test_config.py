@@ -31,7 +31,8 @@ def test_overrides_are_checked():
         spec.with_overrides(depth=3)
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-5)])
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-1), dict(top_k=-5),
+                                    dict(logprobs=21), dict(prompt_logprobs=-1)])
 def test_invalid_sampling(kwargs):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kwargs)
