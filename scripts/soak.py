@@ -377,8 +377,8 @@ async def run(args) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency + args.burst + 4)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(args.request_timeout)) as client:
-        if not await wait_healthy(client, 120):
-            raise SystemExit(f"soak.py: {args.base_url}/health did not answer 200")
+        if not await wait_healthy(client, args.wait_seconds):
+            raise SystemExit(f"soak.py: {args.base_url}/health did not answer 200 in {args.wait_seconds:g} s")
         models = (await client.get("/v1/models")).json()["data"]
         model = args.model or models[0]["id"]
         pid = args.pid or listening_pid(urlsplit(args.base_url).port or 80)
@@ -426,6 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst-every", type=float, default=60.0, help="seconds between bursts")
     p.add_argument("--sample-seconds", type=float, default=10.0, help="RSS sampling period")
     p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--wait-seconds", type=float, default=600.0, help="how long to wait for /health at the start")
     p.add_argument("--settle-seconds", type=float, default=60.0, help="how long to wait for the server to go idle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here (default: stdout)")
