@@ -116,12 +116,17 @@ def test_keda_component(keda_docs):
     so = kinds["ScaledObject"]
     assert so["metadata"]["namespace"] == "esp-serve"
     assert so["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "prometheus"
-    query = trigger["metadata"]["query"]
-    assert "vllm:num_requests_waiting" in query and "vllm:num_requests_waiting" in exported_series_names()
-    assert f'namespace="{so["metadata"]["namespace"]}"' in query
-    assert float(trigger["metadata"]["threshold"]) > 0
+    queried = set()
+    for trigger in so["spec"]["triggers"]:
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        names = {n for n in exported_series_names() if n in query}
+        assert names, f"{query} reads no metric esp-serve exports"
+        queried |= names
+        assert f'namespace="{so["metadata"]["namespace"]}"' in query
+        assert float(trigger["metadata"]["threshold"]) > 0
+    # The queue length, and the requests refused once it is full.
+    assert {"vllm:num_requests_waiting", "esp:requests_rejected_total"} <= queried
 
 
 # ---- schema validation (offline) -----------------------------------------------------------------
@@ -183,8 +188,14 @@ def test_probes_and_service_wiring(variant):
     args = c["args"]
     assert str(ports["http"]) == args[args.index("--port") + 1]
     assert args[args.index("--host") + 1] == "0.0.0.0"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    # Readiness also fails at capacity and while draining, which liveness must not.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    # The pause before SIGTERM and the whole drain fit in the grace period.
+    pause = float(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(args[args.index("--shutdown-timeout") + 1])
+    assert pause + drain < dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "room for a cold first start"
     assert c["livenessProbe"]["failureThreshold"] * c["livenessProbe"]["periodSeconds"] >= 30
@@ -245,15 +256,17 @@ def test_hpa_scales_on_the_adapter_metric(variant):
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                             "name": kinds["Deployment"]["metadata"]["name"]}
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    (metric,) = hpa["spec"]["metrics"]
-    name = metric["pods"]["metric"]["name"]
     adapter = load_yaml(K8S / "prometheus-adapter" / "values.yaml")
-    (rule,) = adapter["rules"]["custom"]
-    assert rule["name"]["as"] == name
-    source = rule["seriesQuery"].split("{")[0].strip("'\"")
-    assert source in exported_series_names(), f"{source} is not a metric esp-serve exports"
-    assert rule["name"]["matches"] == f"^{source}$"
-    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    rules = {rule["name"]["as"]: rule for rule in adapter["rules"]["custom"]}
+    sources = set()
+    for metric in hpa["spec"]["metrics"]:
+        rule = rules[metric["pods"]["metric"]["name"]]
+        source = rule["seriesQuery"].split("{")[0].strip("'\"")
+        assert source in exported_series_names(), f"{source} is not a metric esp-serve exports"
+        assert rule["name"]["matches"] == f"^{source}$"
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        sources.add(source)
+    assert sources == {"vllm:num_requests_waiting", "esp:requests_rejected_total"}
 
 
 def test_prometheusrule_metrics_exist():
