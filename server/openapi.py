@@ -23,6 +23,11 @@ _WHEN = {
     500: "The server failed while answering",
     503: "The model is loading or failed to load, the engine stopped, or the server is shutting down",
 }
+# One Server-Sent Event, as OpenAPI 3.1 describes a stream's items: `data` is a JSON chunk of the
+# operation's stream (or an error body), the last one is [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                             "retry": {"type": "integer"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
@@ -37,7 +42,7 @@ def responses(*statuses: int, ok: type[BaseModel] | None = None, stream: bool = 
         out[200] = {"model": ok, "description": "Successful response"}
         if stream:
             out[200]["description"] = "The response; with \"stream\": true, Server-Sent Events ending in [DONE]"
-            out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            out[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
     return out
 
 
