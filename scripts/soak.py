@@ -96,7 +96,8 @@ def latency_summary(values: list[float]) -> dict:
 class Tally:
     """Every finished request: its kind ("bad:<name>" for bad inputs), its outcome (an HTTP status,
     or what went wrong without one) and, for answered requests, latency and time to the first
-    streamed chunk. Latency is kept per kind, all bad inputs together."""
+    streamed chunk. Latency is kept per kind for answers with a 2xx status; all bad inputs share
+    the row "bad", and refusals by admission control or a drain (429, 503) the row "rejected"."""
 
     by_kind: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -104,8 +105,14 @@ class Tally:
 
     def record(self, kind: str, outcome: int | str, latency: float | None = None, ttft: float | None = None):
         self.by_kind[kind][str(outcome)] += 1
-        if isinstance(outcome, int) and latency is not None:
-            self.latency[kind.split(":")[0]].append(latency)
+        if not isinstance(outcome, int) or latency is None:
+            return
+        if kind.startswith("bad:"):
+            self.latency["bad"].append(latency)
+        elif outcome in (429, 503):
+            self.latency["rejected"].append(latency)
+        elif outcome < 300:
+            self.latency[kind].append(latency)
         if ttft is not None:
             self.ttft[kind].append(ttft)
 
@@ -139,10 +146,16 @@ def parse_gauges(text: str) -> dict[str, float]:
     return out
 
 
+# The usage gauge is a difference of fractions (held minus prefix-cached blocks over all blocks),
+# so an empty pool can read a rounding residue; one held block is over 1e-9 for any real pool.
+USAGE_RESIDUE = 1e-9
+
+
 def leak_verdict(gauges: dict[str, float]) -> dict:
     """After traffic has stopped: anything still running, waiting or holding KV blocks leaked.
-    (Blocks kept by the prefix cache are not in vllm:kv_cache_usage_perc.)"""
-    leftovers = {k: v for k, v in gauges.items() if k != "esp:kv_cache_bytes" and v != 0}
+    (Blocks kept by the prefix cache count in neither esp:kv_cache_bytes nor the usage gauge.)"""
+    leftovers = {k: v for k, v in gauges.items()
+                 if (abs(v) > USAGE_RESIDUE if k == "vllm:kv_cache_usage_perc" else v != 0)}
     return {**gauges, "leaked": bool(leftovers), "leftovers": leftovers}
 
 
