@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -86,10 +87,31 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any) -> None:
+    """Refuse strings holding an unpaired UTF-16 surrogate: JSON's escapes can spell one
+    (a "\\ud800" alone), but it is no Unicode character and the tokenizer cannot encode it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                raise ValueError("a string holds an unpaired UTF-16 surrogate, which is not valid Unicode")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def strict_json_loads(body: bytes) -> Any:
-    """json.loads without NaN, Infinity or numbers that overflow to infinity."""
+    """json.loads without NaN, Infinity, numbers that overflow to infinity or lone surrogates."""
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        _check_text(value)
+        return value
     except json.JSONDecodeError:
         raise
     except (ValueError, RecursionError) as exc:  # also a huge integer literal or absurd nesting

@@ -52,6 +52,21 @@ def test_non_finite_numbers_are_400(server: ServerHandle, path: str, literal: st
         assert http.post(path, json=BODIES[path]).status_code == 200  # and the server is fine
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", rb'{"prompt": "a \ud800 b", "max_tokens": 2}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\udc00"}], "max_tokens": 2}'),
+    ("/tokenize", rb'{"prompt": "\ud800"}'),
+    ("/v1/completions", b'{"prompt": "a \xed\xa0\x80", "max_tokens": 2}'),  # the same, as raw bytes
+])
+def test_unpaired_surrogates_are_400(server: ServerHandle, path: str, body: bytes) -> None:
+    with server.http() as http:
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert "surrogate" in assert_openai_error(r, 400)["message"]
+        # A pair spelled in escapes is one character, and fine.
+        r = http.post("/tokenize", content=rb'{"prompt": "\ud83d\ude00"}', headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["count"] >= 1
+
+
 @pytest.mark.parametrize("path", GENERATION_PATHS)
 @pytest.mark.parametrize("field,value", [("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 2**80),
                                          ("max_tokens", 2**31), ("top_k", 2**40)])
@@ -200,6 +215,41 @@ def test_beyond_capacity_is_429_with_retry_after_and_not_ready(tight) -> None:
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
         assert http.get("/ready").json() == {"status": "ready", "message": "ready to take requests",
                                              "outstanding": 0, "capacity": 1, "error": None}
+
+
+def test_ready_says_loading_then_ready(loaded) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerSettings, build_app
+
+    gate = threading.Event()
+
+    def slow_loader():
+        assert gate.wait(120)
+        return loaded
+
+    with TestClient(build_app(ServerSettings(), loader=slow_loader)) as client:
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.json()["error"]["code"] == "loading"
+        gate.set()
+        wait_for(lambda: client.get("/ready").status_code == 200, "the model to load")
+        assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_ready_reports_a_failed_load() -> None:
+    from fastapi.testclient import TestClient
+
+    from esp_engine.errors import ModelLoadError
+    from server.app import ServerSettings, build_app
+
+    def broken_loader():
+        raise ModelLoadError("no such model")
+
+    with TestClient(build_app(ServerSettings(), loader=broken_loader)) as client:
+        wait_for(lambda: client.get("/ready").json()["status"] != "loading", "the load to fail", 60)
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "load_failed"
+        assert "no such model" in r.json()["message"]
 
 
 # ---- the documented contract --------------------------------------------------------------
