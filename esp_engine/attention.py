@@ -2,7 +2,7 @@
 
 Each sequence's cache is one run of consecutive pool slots, so its keys are a strided view that
 SDPA reads in place. `BatchAttention` works out once per step where every row's key and value
-go, so each layer stores the whole batch's with one indexed copy into the pool.
+go, so each layer stores a whole batch's with one indexed copy into the pool.
 
 Attention itself stays one SDPA call per sequence, over exactly that sequence's keys. One call
 over keys gathered into a padded [B, L] layout would save the per-call overhead, but it changes
@@ -38,8 +38,10 @@ class BatchAttention:
         self.masks = [_full_mask(m, s0, n, device) for m, (s0, _), n in zip(attn_masks, self.spans, num_rows)]
         pool = caches[0].pool
         self.pool = pool if all(c.pool is pool for c in caches) else None
-        self.write_index: torch.Tensor | None = None  # [R] pool slot of every row, when all share one pool
-        if self.pool is not None:
+        # [R] pool slot of every row, when several sequences share one pool (for one, two slice
+        # copies cost less than an indexed one).
+        self.write_index: torch.Tensor | None = None
+        if self.pool is not None and len(self.caches) > 1:
             starts = [c.start_block * pool.block_size for c in caches]
             self.write_index = torch.cat([torch.arange(b + s0, b + s1)
                                           for b, (s0, s1) in zip(starts, self.spans)]).to(device)

@@ -14,12 +14,10 @@ import logging
 import time
 import uuid
 
-import torch
-
 from .config import SamplingParams, SpecConfig
 from .cost_model import LoadTuner, StepCostModel
 from .errors import ContextLengthError, EngineError, InvalidRequestError
-from .kv_cache import KVPool
+from .kv_cache import KVPool, default_kv_budget
 from .loader import LoadedModel
 from .model_runner import ModelRunner
 from .outputs import EngineStats, GenerationResult, RequestOutput
@@ -49,8 +47,12 @@ class LLMEngine:
         self.default_spec = default_spec or SpecConfig.from_preset("esp", "bc30")
         self._step_costs: StepCostModel | None = None
         shape = self.model.shape
-        self.kv_pool = KVPool.from_budget(self._kv_budget(config), shape.num_layers, shape.num_kv_heads,
-                                          shape.head_dim, config.block_size, self.model.dtype, self.model.device)
+        per_slot = KVPool.slot_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.dtype)
+        budget = config.kv_cache_bytes or default_kv_budget(
+            per_slot * (loaded.max_model_len + 2 * _MAX_SLACK), config.max_num_seqs,
+            sum(p.numel() * p.element_size() for p in self.model.parameters()), self.model.device)
+        self.kv_pool = KVPool.from_budget(budget, shape.num_layers, shape.num_kv_heads, shape.head_dim,
+                                          config.block_size, self.model.dtype, self.model.device)
         self.prefix_cache = PrefixCache(self.kv_pool) if config.enable_prefix_caching else None
         tuner = LoadTuner(self.step_costs()) if config.load_adaptive else None
         self.scheduler = Scheduler(config, self.kv_pool, loaded.max_model_len, tuple(loaded.eos_token_ids),
@@ -59,25 +61,6 @@ class LLMEngine:
         self.proposers = ProposerFactory(self.model, self.step_costs)
         log.info("KV cache: %d blocks of %d slots (%.0f MiB)", self.kv_pool.num_blocks, config.block_size,
                  self.kv_pool.nbytes / 2**20)
-
-    def _kv_budget(self, config: SchedulerConfig) -> int:
-        """The configured budget, else enough for `max_num_seqs` full-length sequences, at most
-        80% of the free memory of a GPU; on a CPU at most twice the weights (but room for one
-        full-length sequence) and never over 4 GiB (vLLM's CPU default)."""
-        if config.kv_cache_bytes is not None:
-            return config.kv_cache_bytes
-        shape = self.model.shape
-        per_slot = KVPool.slot_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.dtype)
-        one_sequence = (self.loaded.max_model_len + 2 * _MAX_SLACK) * per_slot
-        enough = config.max_num_seqs * one_sequence
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return min(enough, int(0.8 * free))
-        # Traffic and the prefix cache end up touching every page of the pool, so on a CPU its size
-        # is resident memory. A step over a pool twice the weights already reads more KV than
-        # weights: more room buys little throughput, while a small model would hold gigabytes.
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return min(enough, max(2 * weights, one_sequence), 4 * 2**30)
 
     def step_costs(self) -> StepCostModel:
         """This machine's forward cost by block size, measured once on first use."""

@@ -90,6 +90,21 @@ class BlockAllocator:
             self._free[i - 1][1] += self._free.pop(i)[1]
 
 
+def default_kv_budget(sequence_bytes: int, max_num_seqs: int, weights_bytes: int, device: torch.device) -> int:
+    """Bytes for the pool when none are configured: enough for `max_num_seqs` full-length
+    sequences (`sequence_bytes` each), at most 80% of the free memory of a GPU; on a CPU at most
+    twice the weights (but room for one full-length sequence) and never over 4 GiB (vLLM's CPU
+    default)."""
+    enough = max_num_seqs * sequence_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(enough, int(0.8 * free))
+    # Traffic and the prefix cache end up touching every page of the pool, so on a CPU its size
+    # is resident memory. A step over a pool twice the weights already reads more KV than
+    # weights: more room buys little throughput, while a small model would hold gigabytes.
+    return min(enough, max(2 * weights_bytes, sequence_bytes), 4 * 2**30)
+
+
 class KVPool:
     """Preallocated keys and values for all sequences, divided into blocks of `block_size` slots."""
 

@@ -26,7 +26,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" or "error"
     num_prompt_tokens: int
     num_output_tokens: int
-    new_logprobs: list[dict] | None = None
+    new_logprobs: list[dict] | None = None  # one per new token, then the stop token's when one ended the request
     step: StepStats | None = None
     stop_token_id: int | None = None  # the EOS/stop id that ended the request (not in new_token_ids)
     error: Exception | None = None  # set with finish_reason "error": this request failed, others go on

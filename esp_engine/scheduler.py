@@ -337,7 +337,9 @@ class Scheduler:
             step.num_committed = len(kept) + (stop_token is not None)
         seq.output_ids.extend(kept)
         seq.proposer.on_commit(kept)
-        return self._output(seq, kept, logprobs[: len(kept)] if logprobs and kept else None, step, stop_token)
+        # The stop token was generated too (usage counts it): its log-probability comes last.
+        num_scored = len(kept) + (stop_token is not None)
+        return self._output(seq, kept, logprobs[:num_scored] if logprobs and num_scored else None, step, stop_token)
 
     @staticmethod
     def _output(seq: Sequence, kept: list[int], logprobs: list[dict] | None, step: StepStats | None,

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lim.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, how long requests in flight may run before the server exits "
                           "(default 30); a second signal exits at once")
+    lim.add_argument("--engine-step-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="one engine step running longer than this counts as a hang: /health answers 503 "
+                          "(default 300)")
     b = p.add_argument_group("batching and KV cache")
     b.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded at once (default 64)")
     b.add_argument("--max-num-batched-tokens", type=int, default=1024,
@@ -72,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.shutdown_timeout >= 0:
         p.error("--shutdown-timeout must be a number of seconds, 0 or more")
+    if not args.engine_step_timeout > 0:
+        p.error("--engine-step-timeout must be a positive number of seconds")
     return args
 
 
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                               served_model_name=args.served_model_name, scheduler=scheduler,
                               max_request_bytes=args.max_request_bytes,
                               max_waiting_requests=args.max_waiting_requests,
-                              shutdown_timeout=args.shutdown_timeout)
+                              shutdown_timeout=args.shutdown_timeout,
+                              engine_step_timeout=args.engine_step_timeout)
     failed = threading.Event()
     server: DrainingServer | None = None
 

@@ -81,6 +81,8 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     shutdown_timeout: float = 30.0
+    # One engine step running longer than this is a hang: /health turns 503 so the liveness probe restarts us.
+    engine_step_timeout: float = 300.0
     # Batching and KV memory; speculation adapts to load and prompt prefixes are cached unless told otherwise.
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True,
                                                                                 enable_prefix_caching=True))
@@ -170,8 +172,9 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health", responses=responses(503, ok=HealthResponse))
     async def health(request: Request) -> dict:
         ctx = _context(request)
-        if not ctx.engine.is_alive:
-            raise APIError(503, "the engine worker has stopped", code="engine_unavailable")
+        reason = ctx.engine.liveness(request.app.state.settings.engine_step_timeout)
+        if reason is not None:
+            raise APIError(503, reason, code="engine_unavailable")
         return {"status": "ok"}
 
     @app.get("/ready", response_model=ReadinessResponse,

@@ -34,6 +34,7 @@ class ChoiceDelta:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0  # cumulative, for usage
+    prompt_logprobs: list[dict | None] | None = None  # the engine's prompt entries, on the first delta
 
 
 class ChoiceRun:
@@ -69,7 +70,11 @@ class ChoiceRun:
                     finish = "stop"
                     break
             if finish is None and out.finished:
-                self.completion_tokens += out.stop_token_id is not None
+                if out.stop_token_id is not None:  # generated and counted, though its text is not shown
+                    self.completion_tokens += 1
+                    if len(logprobs) > len(out.new_token_ids):  # asked for: it is scored like any other
+                        lp = logprobs[len(out.new_token_ids)]
+                        tokens.append(TokenInfo(out.stop_token_id, lp["logprob"], list(lp["top"]), self._raw_len))
                 tail = self._detok.flush()
                 self._raw_len += len(tail)
                 parts.append(self._stops.feed(tail))
@@ -77,7 +82,7 @@ class ChoiceRun:
                 finish = "stop" if self._stops.stopped else (out.finish_reason or "stop")
             if finish is not None and self._on_finish:
                 self._on_finish(finish)
-            yield ChoiceDelta("".join(parts), tokens, finish, self.completion_tokens)
+            yield ChoiceDelta("".join(parts), tokens, finish, self.completion_tokens, out.prompt_logprobs)
             if finish is not None:
                 return
 

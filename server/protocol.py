@@ -54,11 +54,21 @@ class _SamplingFields(_Request):
     spec_preset: str | None = None
     ignore_eos: bool = False
 
+    # Extension (vLLM): log-probabilities of the prompt tokens with this many alternatives each.
+    prompt_logprobs: int | None = None
+
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {v}")
+        if v is not None and v < 0:
+            raise ValueError(f"max_tokens must be 0 (score the prompt only) or more, got {v}")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
     @field_validator("temperature")
@@ -157,9 +167,14 @@ class CompletionRequest(_SamplingFields):
     def _combinations(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (leave it unset or equal to n)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
         return self
+
+    @property
+    def prompt_logprobs_wanted(self) -> int | None:
+        """Alternatives per prompt token the engine must compute: for `echo` with `logprobs`
+        (the legacy API's prompt scoring) and for vLLM's `prompt_logprobs`, the larger."""
+        wanted = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None) if n is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts, each text or token ids."""
@@ -216,8 +231,8 @@ class ChatCompletionRequest(_SamplingFields):
     @field_validator("max_completion_tokens")
     @classmethod
     def _max_completion_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"max_completion_tokens must be at least 1, got {v}")
+        if v is not None and v < 0:
+            raise ValueError(f"max_completion_tokens must be 0 (score the prompt only) or more, got {v}")
         return v
 
     @field_validator("top_logprobs")
@@ -298,10 +313,25 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """The legacy API's logprobs; with `echo` the prompt's tokens come first, the very first with
+    null log-probabilities (nothing precedes it)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry for one token id."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str
+
+
+# vLLM's shape: one entry per prompt token (None for the first), token id -> its log-probability.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -309,6 +339,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -355,6 +386,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when asked for
 
 
 class DeltaMessage(BaseModel):
@@ -377,6 +409,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM): on the first chunk after prefill, when asked
 
 
 class ModelCard(BaseModel):

@@ -22,6 +22,7 @@ from esp_engine.errors import ContextLengthError, EngineError, InvalidRequestErr
 
 from .admission import Admission, Ticket
 from .async_engine import AsyncEngine, EngineDeadError
+from .detokenizer import IncrementalDetokenizer
 from .errors import APIError, from_exception, model_not_found
 from .limits import check_prompt_chars
 from .metrics import Metrics
@@ -40,6 +41,8 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -97,6 +100,8 @@ def resolve_spec(method: str | None, preset: str | None, default: SpecConfig) ->
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, limit: int, default_cap: int | None) -> int:
+    if requested == 0:
+        return 0  # scoring the prompt only; the engine checks the prompt fits the context
     room = limit - prompt_len
     if room <= 0:
         raise ContextLengthError(
@@ -108,7 +113,8 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, limit: int, defau
     return requested  # the engine refuses it with a context-length error if it does not fit
 
 
-def sampling_params(req: _SamplingFields, max_new_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+def sampling_params(req: _SamplingFields, max_new_tokens: int, logprobs: int | None, index: int,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     # Each of n choices gets its own seed so they differ, yet a seeded request stays repeatable.
     seed = None if req.seed is None else req.seed + index
     return SamplingParams(
@@ -119,6 +125,7 @@ def sampling_params(req: _SamplingFields, max_new_tokens: int, logprobs: int | N
         max_new_tokens=max_new_tokens,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -132,7 +139,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_
 
 async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                  default_cap: int | None, logprobs: int | None, prompt_param: str, meta: dict,
-                 endpoint: str) -> tuple[list[ChoiceRun], Ticket]:
+                 endpoint: str, prompt_logprobs: int | None = None) -> tuple[list[ChoiceRun], Ticket]:
     """Queue the engine requests; the ticket holds their place in admission until released."""
     try:
         spec = resolve_spec(req.spec_method, req.spec_preset, ctx.engine.default_spec)
@@ -141,7 +148,7 @@ async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], m
             if not ids:
                 raise InvalidRequestError("the prompt is empty: give at least one token")
             max_new = resolve_max_tokens(max_tokens, len(ids), ctx.max_model_len, default_cap)
-            requests += [(ids, sampling_params(req, max_new, logprobs, j), spec) for j in range(req.n)]
+            requests += [(ids, sampling_params(req, max_new, logprobs, j, prompt_logprobs), spec) for j in range(req.n)]
         ticket = ctx.admission.acquire(len(requests))
         try:
             streams = await ctx.engine.add_requests(requests, request_id=meta["id"], endpoint=endpoint)
@@ -166,54 +173,103 @@ async def create_completion(ctx: Context, req: CompletionRequest, request: Reque
             check_prompt_chars(len(p), tok, ctx.max_model_len, "prompt")
     prompts = [list(tok.encode(p)) if isinstance(p, str) else list(p) for p in req.prompts()]
     meta = dict(id=random_id("cmpl"), created=int(time.time()), model=ctx.served_model_name)
-    runs, ticket = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs,
-                                "prompt", meta, "completions")
+    runs, ticket = await _start(ctx, req, prompts, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs, "prompt",
+                                meta, "completions", req.prompt_logprobs_wanted)
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [tok.decode(r.prompt_ids) if req.echo else "" for r in runs]
+    # Prompt scores arrive with a choice's first engine output, so its echo waits for them.
+    scored = req.prompt_logprobs_wanted is not None
 
-    def choice(run: ChoiceRun, delta: ChoiceDelta, text: str) -> CompletionChoice:
-        lp = completion_logprobs(tok, delta.tokens, len(echo[run.index])) if req.logprobs is not None else None
-        return CompletionChoice(index=run.index, text=text, logprobs=lp, finish_reason=delta.finish_reason)
+    def choice(run: ChoiceRun, delta: ChoiceDelta, first: bool) -> CompletionChoice:
+        """The choice for `delta`; the first one of a run carries the echo and the prompt's scores."""
+        lp = None
+        if req.logprobs is not None:
+            prompt_part = echo_tokens(tok, run.prompt_ids, delta.prompt_logprobs) if req.echo and first else []
+            lp = completion_logprobs(tok, prompt_part + [shift(t, len(echo[run.index])) for t in delta.tokens])
+        prompt_lp = vllm_prompt_logprobs(tok, delta.prompt_logprobs) if req.prompt_logprobs is not None and first else None
+        text = echo[run.index] + delta.text if first else delta.text
+        return CompletionChoice(index=run.index, text=text, logprobs=lp, finish_reason=delta.finish_reason,
+                                prompt_logprobs=prompt_lp)
 
     if req.stream:
-        return SSEStream(_completion_chunks(runs, meta, echo, choice, prompt_tokens, req.include_usage_chunk),
+        return SSEStream(_completion_chunks(runs, meta, echo, choice, scored, prompt_tokens, req.include_usage_chunk),
                          runs, ticket)
     deltas = await _collect(runs, ticket, request)
     choices = []
     for run, ds in zip(runs, deltas):
-        whole = _join(ds)
-        choices.append(choice(run, whole, echo[run.index] + whole.text))
+        choices.append(choice(run, _join(ds), first=True))
     usage = Usage.of_runs(prompt_tokens, runs)
     return CompletionResponse(choices=choices, usage=usage, **meta).model_dump()
 
 
 async def _completion_chunks(runs: list[ChoiceRun], meta: dict, echo: list[str],
-                             choice: Callable[[ChoiceRun, ChoiceDelta, str], CompletionChoice],
+                             choice: Callable[[ChoiceRun, ChoiceDelta, bool], CompletionChoice], scored: bool,
                              prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     exclude = None if include_usage else {"usage"}
+    pending = {run.index for run in runs if scored}  # runs whose first chunk waits for the prompt's scores
     for run in runs:
-        if echo[run.index]:
+        if echo[run.index] and not scored:
             yield CompletionResponse(choices=[CompletionChoice(index=run.index, text=echo[run.index])],
                                      **meta).model_dump_json(exclude=exclude)
     async for i, delta in merge([r.deltas() for r in runs]):
-        if delta.text or delta.finish_reason or delta.tokens:
-            body = CompletionResponse(choices=[choice(runs[i], delta, delta.text)], **meta)
+        first = i in pending
+        pending.discard(i)
+        if delta.text or delta.finish_reason or delta.tokens or first:
+            body = CompletionResponse(choices=[choice(runs[i], delta, first)], **meta)
             yield body.model_dump_json(exclude=exclude)
     if include_usage:
         usage = Usage.of_runs(prompt_tokens, runs)
         yield CompletionResponse(choices=[], usage=usage, **meta).model_dump_json()
 
 
-def completion_logprobs(tokenizer: Any, tokens: list[TokenInfo], offset: int) -> CompletionLogprobs:
+def completion_logprobs(tokenizer: Any, tokens: list[TokenInfo]) -> CompletionLogprobs:
     out = CompletionLogprobs()
     for t in tokens:
         out.tokens.append(token_string(token_bytes(tokenizer, t.token_id)))
-        out.token_logprobs.append(t.logprob if t.logprob is not None else 0.0)
+        out.text_offset.append(t.text_offset)
+        if t.logprob is None:  # the prompt's first token: nothing precedes it
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(t.logprob)
         top = {token_string(token_bytes(tokenizer, i)): lp for i, lp in t.top}
-        top.setdefault(out.tokens[-1], out.token_logprobs[-1])  # the chosen token is always listed
+        top.setdefault(out.tokens[-1], t.logprob)  # the chosen token is always listed
         out.top_logprobs.append(top)
-        out.text_offset.append(offset + t.text_offset)
     return out
+
+
+def shift(token: TokenInfo, offset: int) -> TokenInfo:
+    return TokenInfo(token.token_id, token.logprob, token.top, token.text_offset + offset)
+
+
+def echo_tokens(tokenizer: Any, prompt_ids: list[int], entries: list[dict | None] | None) -> list[TokenInfo]:
+    """The prompt as logprob entries (the engine's, one per prompt token), with text offsets
+    into the echoed prompt."""
+    detok = IncrementalDetokenizer(tokenizer, (), skip_special_tokens=False)
+    tokens, offset = [], 0
+    for token_id, entry in zip(prompt_ids, entries or [None] * len(prompt_ids)):
+        tokens.append(TokenInfo(token_id, entry["logprob"] if entry else None, list(entry["top"]) if entry else [],
+                                offset))
+        offset += len(detok.push(token_id))
+    return tokens
+
+
+def vllm_prompt_logprobs(tokenizer: Any, entries: list[dict | None] | None) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token, its own log-probability and the top
+    alternatives, keyed by token id."""
+    def one(token_id: int, logprob: float, rank: int | None) -> PromptLogprob:
+        return PromptLogprob(logprob=logprob, rank=rank, decoded_token=token_string(token_bytes(tokenizer, token_id)))
+
+    result: PromptLogprobs = []
+    for entry in entries or []:
+        if entry is None:
+            result.append(None)
+            continue
+        scores = {str(entry["token_id"]): one(entry["token_id"], entry["logprob"], entry.get("rank"))}
+        for rank, (token_id, logprob) in enumerate(entry["top"], start=1):
+            scores.setdefault(str(token_id), one(token_id, logprob, rank))
+        result.append(scores)
+    return result
 
 
 # ---- chat --------------------------------------------------------------------------------
@@ -226,13 +282,17 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
     ids = chat_prompt_ids(tok, req.messages, req.add_generation_prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     meta = dict(id=random_id("chatcmpl"), created=int(time.time()), model=ctx.served_model_name)
-    runs, ticket = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions")
+    runs, ticket = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions",
+                                req.prompt_logprobs)
 
     def lp(delta: ChoiceDelta) -> ChatLogprobs | None:
         return chat_logprobs(tok, delta.tokens) if req.logprobs else None
 
+    def prompt_lp(delta: ChoiceDelta) -> PromptLogprobs | None:
+        return vllm_prompt_logprobs(tok, delta.prompt_logprobs) if req.prompt_logprobs is not None else None
+
     if req.stream:
-        return SSEStream(_chat_chunks(runs, meta, lp, len(ids), req.include_usage_chunk), runs, ticket)
+        return SSEStream(_chat_chunks(runs, meta, lp, prompt_lp, len(ids), req.include_usage_chunk), runs, ticket)
     deltas = await _collect(runs, ticket, request)
     choices = []
     for run, ds in zip(runs, deltas):
@@ -240,15 +300,20 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
         choices.append(ChatChoice(index=run.index, message=ChatResponseMessage(content=whole.text),
                                   logprobs=lp(whole), finish_reason=whole.finish_reason))
     usage = Usage.of_runs(len(ids), runs)
-    return ChatCompletionResponse(choices=choices, usage=usage, **meta).model_dump()
+    return ChatCompletionResponse(choices=choices, usage=usage, prompt_logprobs=prompt_lp(_join(deltas[0])),
+                                  **meta).model_dump()
 
 
 async def _chat_chunks(runs: list[ChoiceRun], meta: dict, lp: Callable[[ChoiceDelta], ChatLogprobs | None],
+                       prompt_lp: Callable[[ChoiceDelta], PromptLogprobs | None],
                        prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    scores_sent = False  # the prompt's scores (one prompt for every choice) ride on the first chunk after prefill
+
     def chunk(index: int, delta: DeltaMessage, logprobs: ChatLogprobs | None = None,
-              finish: str | None = None) -> str:
+              finish: str | None = None, prompt_logprobs: PromptLogprobs | None = None) -> str:
         body = ChatCompletionChunk(choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
-                                                            finish_reason=finish)], **meta)
+                                                            finish_reason=finish)], prompt_logprobs=prompt_logprobs,
+                                   **meta)
         data = body.model_dump(exclude=None if include_usage else {"usage"})
         data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # OpenAI sends {} for an empty delta
         return json.dumps(data, ensure_ascii=False)
@@ -256,10 +321,13 @@ async def _chat_chunks(runs: list[ChoiceRun], meta: dict, lp: Callable[[ChoiceDe
     for run in runs:
         yield chunk(run.index, DeltaMessage(role="assistant", content=""))
     async for i, delta in merge([r.deltas() for r in runs]):
+        scores = None if scores_sent or delta.prompt_logprobs is None else prompt_lp(delta)
+        scores_sent = scores_sent or scores is not None
         if delta.text or delta.tokens:
-            yield chunk(i, DeltaMessage(content=delta.text), lp(delta))
+            yield chunk(i, DeltaMessage(content=delta.text), lp(delta), prompt_logprobs=scores)
+            scores = None
         if delta.finish_reason:
-            yield chunk(i, DeltaMessage(), None, delta.finish_reason)
+            yield chunk(i, DeltaMessage(), None, delta.finish_reason, prompt_logprobs=scores)
     if include_usage:
         usage = Usage.of_runs(prompt_tokens, runs)
         yield ChatCompletionChunk(choices=[], usage=usage, **meta).model_dump_json()
@@ -284,7 +352,7 @@ def chat_logprobs(tokenizer: Any, tokens: list[TokenInfo]) -> ChatLogprobs:
 def _join(deltas: list[ChoiceDelta]) -> ChoiceDelta:
     last = deltas[-1] if deltas else ChoiceDelta("", finish_reason="stop")
     return ChoiceDelta("".join(d.text for d in deltas), [t for d in deltas for t in d.tokens],
-                       last.finish_reason, last.completion_tokens)
+                       last.finish_reason, last.completion_tokens, deltas[0].prompt_logprobs if deltas else None)
 
 
 async def _collect(runs: list[ChoiceRun], ticket: Ticket, request: Request) -> list[list[ChoiceDelta]]:

@@ -4,7 +4,9 @@ compaction keeps exactly the accepted path, in order, after the committed prefix
 import pytest
 import torch
 
-from esp_engine.kv_cache import BlockAllocator, KVCache, KVCacheFull, KVPool
+from esp_engine.engine import LLMEngine
+from esp_engine.kv_cache import BlockAllocator, KVCache, KVCacheFull, KVPool, default_kv_budget
+from esp_engine.scheduler import SchedulerConfig
 
 
 def _pool(num_blocks: int, block_size: int = 4) -> KVPool:
@@ -160,3 +162,29 @@ def test_truncate_drops_mask_rows():
     cache = _cache_with_slots(6)
     cache.truncate(4)
     assert cache.length == 4
+
+
+# ---- the default budget --------------------------------------------------------------------
+
+def test_default_budget_on_a_cpu_is_bounded_by_the_weights_but_fits_one_sequence():
+    cpu = torch.device("cpu")
+    assert default_kv_budget(10, 64, 1000, cpu) == 640  # enough for every sequence: below the weights' cap
+    assert default_kv_budget(100, 64, 1000, cpu) == 2000  # twice the weights
+    assert default_kv_budget(5000, 64, 1000, cpu) == 5000  # one full-length sequence always fits
+    assert default_kv_budget(2**30, 64, 2**32, cpu) == 4 * 2**30  # never over 4 GiB
+
+
+def _weight_bytes(loaded) -> int:
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+
+
+def test_embedded_model_pool_is_bounded_by_its_weights(smol, smol_engine):
+    pool = smol_engine.kv_pool
+    assert pool.nbytes <= 2 * _weight_bytes(smol) < 4 * 2**30
+    assert pool.num_slots >= smol.max_model_len, "a full-length request must fit in the empty pool"
+
+
+def test_a_tiny_model_still_gets_room_for_a_full_length_sequence(tiny):
+    engine = LLMEngine(tiny, scheduler_config=SchedulerConfig(load_adaptive=False))
+    assert engine.kv_pool.nbytes > 2 * _weight_bytes(tiny)  # the floor, not the weights, decides here
+    assert tiny.max_model_len <= engine.kv_pool.num_slots < SchedulerConfig().max_num_seqs * tiny.max_model_len

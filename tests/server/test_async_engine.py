@@ -238,6 +238,14 @@ def test_gauges_follow_the_engine_snapshot(engine) -> None:
     assert run(main()) == (2, 128, 0.25, 2)
 
 
+def test_preemptions_are_counted_from_the_engine_snapshots() -> None:
+    metrics = Metrics()
+    metrics.bind("m")
+    for total in (0, 3, 3, 5):  # the engine's running total, as each step's snapshot reports it
+        metrics.publish(EngineStats(1, 0, 0, 0.5, total))
+    assert metrics.registry.get_sample_value("vllm:num_preemptions_total", {"model_name": "m"}) == 5
+
+
 def test_recent_rate_window() -> None:
     now = [100.0]
     rate = RecentRate(window_s=10.0, clock=lambda: now[0])
