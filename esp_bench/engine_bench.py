@@ -304,7 +304,7 @@ DESCRIPTION = "Benchmark speculative decoding methods (greedy) on Spec-Bench pro
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="embedded model name, local HF directory or cached hub id")
+                   help="GGUF file, embedded model name, local HF directory or cached hub id")
     p.add_argument("--method", default="esp",
                    help=f"comma list of {', '.join(BENCH_METHODS)}; an item may name its preset, e.g. esp:bc60")
     p.add_argument("--preset", default="bc30", help="preset for items without their own (bc10, bc30, bc60, ...)")

