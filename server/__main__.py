@@ -31,7 +31,8 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esp-serve", description=__doc__)
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="a Llama-family GGUF file, the embedded model name, a local Hugging Face directory or a cached hub id")
+                   help="a Llama-family GGUF file, the embedded model name, a local Hugging Face directory "
+                        "or a cached hub id")
     p.add_argument("--method", default="hybrid", choices=METHODS,
                    help="default speculative method ('ar' = off; hybrid = ESP masks and PLD chains in one tree)")
     p.add_argument("--preset", default="bc30", help=f"block-complexity preset ({', '.join(PRESETS)})")
