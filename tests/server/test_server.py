@@ -252,7 +252,7 @@ def test_chat_logprobs_streaming(client) -> None:
         (dict(prompt="hi", temperature=-1), "temperature"),
         (dict(prompt="hi", top_p=0), "top_p"),
         (dict(prompt="hi", n=0), "n"),
-        (dict(prompt="hi", max_tokens=0), "max_tokens"),
+        (dict(prompt="hi", max_tokens=-1), "max_tokens"),  # 0 is valid: it scores the prompt
         (dict(prompt="hi", logprobs=50), "logprobs"),
         (dict(prompt="hi", extra_body={"spec_method": "medusa"}), "spec_method"),
         (dict(prompt="hi", extra_body={"spec_method": "esp", "spec_preset": "bc99"}), "spec_method"),
