@@ -74,11 +74,11 @@ def test_sigterm_lets_streams_finish_refuses_new_work_and_exits_0() -> None:
 
 def test_second_signal_exits_at_once() -> None:
     # A generation far longer than the test waits, and a drain that would wait for it.
-    proc = start("--port", "0", "--max-model-len", "4096", "--method", "ar", "--shutdown-timeout", "600",
+    proc = start("--port", "0", "--max-model-len", "1024", "--method", "ar", "--shutdown-timeout", "600",
                  "--log-level", "warning")
     try:
         url = ready_url(proc)
-        [(thread, result)] = start_streams(url, 1, 4000)
+        [(thread, result)] = start_streams(url, 1, 1000)
         proc.send_signal(signal.SIGTERM)
         assert httpx.get(url + "/ready", timeout=30).json()["status"] == "draining"
         proc.send_signal(signal.SIGTERM)
