@@ -44,6 +44,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+MAX_LOGPROBS = 20  # alternatives per token at most, as in the OpenAI API
 METHODS = ("ar", *_PRESETS)  # "ar" is plain decoding: no presets
 PRESETS = ("bc10", "bc30", "bc60")
 
@@ -171,18 +172,22 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.temperature <= 100.0):
-            raise InvalidRequestError(f"temperature must be in [0, 100], got {self.temperature}")
+        # The one place sampling values are range-checked; the server passes requests' values as they
+        # come and reports these errors as 400s naming `param`. Comparisons are written so NaN fails.
+        if not (0.0 <= self.temperature <= 2.0):
+            raise InvalidRequestError(f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
         if not (0.0 < self.top_p <= 1.0):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be -1, 0 or positive, got {self.top_k}", "top_k")
         if self.max_new_tokens < 0:
-            raise InvalidRequestError(f"max_new_tokens must be 0 (score the prompt only) or more, got {self.max_new_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequestError(f"logprobs must be in 0..20, got {self.logprobs}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            raise InvalidRequestError(f"prompt_logprobs must be in 0..20, got {self.prompt_logprobs}")
+            raise InvalidRequestError(f"max_tokens must be 0 (score the prompt only) or more, got {self.max_new_tokens}",
+                                      "max_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}",
+                                      "prompt_logprobs")
 
     @property
     def is_greedy(self) -> bool:

@@ -6,7 +6,13 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """The caller asked for something malformed: an empty prompt, a bad sampling value."""
+    """The caller asked for something malformed: an empty prompt, a bad sampling value.
+
+    `param` names the setting at fault, as the OpenAI API calls it, when there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidRequestError):

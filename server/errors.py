@@ -46,7 +46,7 @@ def from_exception(exc: BaseException, prompt_param: str = "prompt") -> APIError
     if isinstance(exc, InvalidSpecConfigError):
         return APIError(400, str(exc), param="spec_method", code="invalid_spec_config")
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), code="invalid_request")
+        return APIError(400, str(exc), param=exc.param, code="invalid_request")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable")
     return APIError(500, f"internal error during generation: {type(exc).__name__}: {exc}", code="internal_error")

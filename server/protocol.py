@@ -13,7 +13,6 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
-MAX_LOGPROBS = 20
 # Integers reach torch and C code, which hold at most 64 (seeds) or 32 bits (counts); checked
 # here so an out-of-range value is a 400, not an overflow in the engine.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -33,7 +32,10 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    Only shapes and integer widths are checked here; the ranges of sampling values are the
+    engine's to check (`SamplingParams`), whose errors reach the client as 400s naming the field."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, le=INT32_MAX)
@@ -53,44 +55,8 @@ class _SamplingFields(_Request):
     spec_method: str | None = None
     spec_preset: str | None = None
     ignore_eos: bool = False
-
     # Extension (vLLM): log-probabilities of the prompt tokens with this many alternatives each.
     prompt_logprobs: int | None = None
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"max_tokens must be 0 (score the prompt only) or more, got {v}")
-        return v
-
-    @field_validator("prompt_logprobs")
-    @classmethod
-    def _prompt_logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 <= v <= 2.0:
-            raise ValueError(f"temperature must be between 0 and 2, got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        if v is not None and v < -1:
-            raise ValueError(f"top_k must be -1, 0 or positive, got {v}")
-        return v
 
     @field_validator("n")
     @classmethod
@@ -147,13 +113,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be an empty list")
         if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
             raise ValueError("every token-id prompt must have at least one token")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
     @field_validator("suffix")
@@ -226,20 +185,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _messages(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         if not v:
             raise ValueError("messages must contain at least one message")
-        return v
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _max_completion_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"max_completion_tokens must be 0 (score the prompt only) or more, got {v}")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
     @field_validator("tools", "functions")

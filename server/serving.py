@@ -139,8 +139,10 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_
 
 async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                  default_cap: int | None, logprobs: int | None, prompt_param: str, meta: dict,
-                 endpoint: str, prompt_logprobs: int | None = None) -> tuple[list[ChoiceRun], Ticket]:
+                 endpoint: str, prompt_logprobs: int | None = None,
+                 param_names: dict[str | None, str] | None = None) -> tuple[list[ChoiceRun], Ticket]:
     """Queue the engine requests; the ticket holds their place in admission until released."""
+    param_names = param_names or {}
     try:
         spec = resolve_spec(req.spec_method, req.spec_preset, ctx.engine.default_spec)
         requests = []
@@ -156,7 +158,9 @@ async def _start(ctx: Context, req: _SamplingFields, prompts: list[list[int]], m
             ticket.release()
             raise
     except (EngineError, EngineDeadError) as exc:
-        raise from_exception(exc, prompt_param) from exc
+        error = from_exception(exc, prompt_param)
+        error.param = param_names.get(error.param, error.param)  # the engine's names are the completions API's
+        raise error from exc
     runs = [ChoiceRun(i, s, ctx.tokenizer, ids, req.stop_list, ctx.count_finish)
             for i, (s, (ids, _, _)) in enumerate(zip(streams, requests))]
     return runs, ticket
@@ -283,7 +287,7 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     meta = dict(id=random_id("chatcmpl"), created=int(time.time()), model=ctx.served_model_name)
     runs, ticket = await _start(ctx, req, [ids], req.max_new_tokens, None, logprobs, "messages", meta, "chat_completions",
-                                req.prompt_logprobs)
+                                req.prompt_logprobs, {"logprobs": "top_logprobs"})
 
     def lp(delta: ChoiceDelta) -> ChatLogprobs | None:
         return chat_logprobs(tok, delta.tokens) if req.logprobs else None

@@ -269,6 +269,26 @@ def test_invalid_completion_requests_are_400(client, kwargs, param) -> None:
         assert err["param"] == param
 
 
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=float("nan")), None),  # refused as JSON already
+        (dict(temperature=2.5), "temperature"),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(max_completion_tokens=-2), "max_tokens"),
+        (dict(extra_body={"prompt_logprobs": 99}), "prompt_logprobs"),
+    ],
+)
+def test_invalid_chat_requests_are_400_naming_the_field(client, kwargs, param) -> None:
+    """The engine checks every sampling range once; the client still learns which field was wrong."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=CHAT_MESSAGES, **kwargs)
+    err = error_body(info.value)
+    assert err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param
+
+
 def test_invalid_stream_request_fails_before_the_stream(server, client) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", temperature=9, stream=True)
