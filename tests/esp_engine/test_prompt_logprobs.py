@@ -67,5 +67,5 @@ def test_prompt_logprobs_come_with_the_first_output_and_change_nothing_generated
 def test_scoring_settings_are_checked():
     with pytest.raises(InvalidRequestError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
-    with pytest.raises(InvalidRequestError, match="max_new_tokens"):
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
         SamplingParams(max_new_tokens=-1)
