@@ -317,7 +317,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warmup generations per method")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
+                        "device computes it natively, else float32")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 

@@ -66,13 +66,47 @@ def cache_root() -> Path:
     return Path(base)
 
 
+# CPU flags of native bf16 matrix instructions (AMX tiles, AVX512 dot products), best first.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def default_dtype(device: str) -> torch.dtype:
+    """Without a dtype asked for: bf16 on a GPU; float32 on a CPU, where greedy output is then
+    identical to plain decoding (docs/api.md says what bf16 guarantees)."""
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
+    """The native bf16 instruction flag this CPU reports (Linux /proc/cpuinfo), or None."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def auto_dtype(device: str, cpuinfo: str | None = None) -> tuple[torch.dtype, str]:
+    """`--dtype auto`: bf16 where the device computes it natively, else float32; and why."""
+    if device.startswith("cuda"):
+        return torch.bfloat16, "a GPU computes bf16 natively"
+    flag = cpu_bf16_flag(cpuinfo)
+    if flag is not None:
+        return torch.bfloat16, f"the CPU has native bf16 matrix instructions ({flag})"
+    return torch.float32, f"the CPU reports none of {', '.join(NATIVE_BF16_FLAGS)}, so bf16 would be emulated"
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if dtype is None or dtype == "auto":
+    if dtype is None:
         return default_dtype(device)
+    if dtype == "auto":
+        chosen, why = auto_dtype(device)
+        log.info("dtype auto: %s, since %s", str(chosen).removeprefix("torch."), why)
+        return chosen
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

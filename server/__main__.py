@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="bc30", help=f"block-complexity preset ({', '.join(PRESETS)})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
+                        "device computes it natively, else float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),

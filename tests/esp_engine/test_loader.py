@@ -209,3 +209,17 @@ def test_files_that_are_not_usable_ggufs_give_clear_errors(tmp_path, cache):
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         load_model(str(cut))
     assert cached_models(cache) == []
+
+
+def test_dtype_auto_takes_bf16_only_where_the_cpu_computes_it_natively():
+    from esp_engine.loader import auto_dtype, resolve_dtype
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    older = "flags\t\t: fpu sse2 avx2 fma\n"
+    assert auto_dtype("cpu", zen4) == (torch.bfloat16, "the CPU has native bf16 matrix instructions (avx512_bf16)")
+    assert auto_dtype("cpu", sapphire_rapids)[1].endswith("(amx_bf16)")
+    dtype, why = auto_dtype("cpu", older)
+    assert dtype is torch.float32 and "emulated" in why
+    assert auto_dtype("cuda", older)[0] is torch.bfloat16
+    assert resolve_dtype(None, "cpu") is torch.float32  # asked for nothing: float32, exact, on any CPU
