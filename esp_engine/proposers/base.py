@@ -112,7 +112,15 @@ class Proposer:
         (called with at least two rows)."""
         if budget.max_rows >= self.max_block_rows:
             return budget.max_nodes, True
+        nodes = self.nodes_beside_extras(context, budget)
+        if nodes is not None:
+            return min(budget.max_nodes, nodes), True
         return min(budget.max_nodes, budget.max_rows - 1), False
+
+    def nodes_beside_extras(self, context: list[int], budget: DraftBudget) -> int | None:
+        """Under a cap smaller than the whole block: the tree nodes that fit beside this method's
+        extra rows, or None to draft the tree alone."""
+        return None
 
     @property
     def tuner_key(self) -> str:

@@ -102,16 +102,14 @@ class EspProposer(Proposer):
     def block_rows(cls, spec: SpecConfig) -> int:
         return (spec.num_masks + 1) * (1 + spec.esp_node_budget)
 
-    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
-        if budget.max_rows >= self.max_block_rows:
-            return budget.max_nodes, True
-        if self.masks_fit(budget):
-            return min(budget.max_nodes, budget.max_rows // (self.num_masks + 1) - 1), True
-        return min(budget.max_nodes, budget.max_rows - 1), False
+    def nodes_beside_extras(self, context: list[int], budget: DraftBudget) -> int | None:
+        return self.masked_nodes(budget)
 
-    def masks_fit(self, budget: DraftBudget) -> bool:
-        """Room for the root's masks and at least one masked node."""
-        return budget.max_rows >= 2 * (self.num_masks + 1)
+    def masked_nodes(self, budget: DraftBudget) -> int | None:
+        """Tree nodes that fit with k masks each, when there is room for the root's masks and at
+        least one masked node."""
+        per_row = self.num_masks + 1
+        return budget.max_rows // per_row - 1 if budget.max_rows >= 2 * per_row else None
 
     def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
         self._mask = prompt_embeds.float().mean(dim=0)

@@ -32,15 +32,14 @@ class HybridProposer(EspProposer):
         those without ESP guesses too."""
         return True
 
-    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
-        if budget.max_rows >= self.max_block_rows:
-            return budget.max_nodes, True
-        if not self.chains(context) and self.masks_fit(budget) and budget.pays(MASKS_ONLY, budget.max_rows):
-            return min(budget.max_nodes, budget.max_rows // (self.num_masks + 1) - 1), True
+    def nodes_beside_extras(self, context: list[int], budget: DraftBudget) -> int | None:
         # Short of room, a copied chain is worth its rows far more often than mask guesses,
         # which would also double every row: the chain takes the whole share, without masks.
         # Without a chain, masks are drafted only where they were seen to pay (on a CPU they rarely do).
-        return min(budget.max_nodes, budget.max_rows - 1), False
+        if self.chains(context):
+            return None
+        nodes = self.masked_nodes(budget)
+        return nodes if nodes is not None and budget.pays(MASKS_ONLY, budget.max_rows) else None
 
     def tuner_keys(self, draft: Draft, budget: DraftBudget) -> tuple[str, ...]:
         if draft.num_masks and budget.max_rows < self.max_block_rows:

@@ -49,13 +49,9 @@ class LadeProposer(Proposer):
     def block_rows(cls, spec: SpecConfig) -> int:
         return 1 + (spec.lade_level - 1) * (spec.lade_window + spec.lade_guess)
 
-    def fit(self, context: list[int], budget: DraftBudget) -> tuple[int, bool]:
-        if budget.max_rows >= self.max_block_rows:
-            return budget.max_nodes, True
-        window = self.rows * self.cols
-        if budget.max_rows > window + 1:  # the window, and pool n-grams in what is left
-            return min(budget.max_nodes, budget.max_rows - 1 - window), True
-        return min(budget.max_nodes, budget.max_rows - 1), False
+    def nodes_beside_extras(self, context: list[int], budget: DraftBudget) -> int | None:
+        window = self.rows * self.cols  # the window, and pool n-grams in what is left
+        return budget.max_rows - 1 - window if budget.max_rows > window + 1 else None
 
     def begin(self, prompt_ids: list[int], prompt_embeds: torch.Tensor) -> None:
         # Like the reference implementation, start the window from prompt tokens; seeded by the
