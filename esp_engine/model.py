@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BatchAttention
+from .row_invariance import RowPlan
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -87,6 +88,9 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features = weight.shape[0]
         self.packed: torch.Tensor | None = None
+        # How calls are shaped so that a row's result does not depend on the call's row count
+        # (`row_invariance.probe_model` sets it per weight shape at load).
+        self.row_plan = RowPlan()
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
 
@@ -95,6 +99,10 @@ class PackedLinear(nn.Module):
         return cls(linear.weight.data, None if getattr(linear, "bias", None) is None else linear.bias.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.row_plan.apply(self.matmul, x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel itself, for any number of rows (subclasses for other weight formats replace this)."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
