@@ -25,6 +25,7 @@ import torch
 
 from .errors import ModelLoadError
 from .model import SUPPORTED_ARCHITECTURES, LlamaFamilyModel
+from .row_invariance import probe_model
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,8 @@ def load_model(
     hf.eval()
     model = LlamaFamilyModel(hf)
     model.requires_grad_(False)
+    # Last, on the final weights and thread count: which row counts give a row the same result.
+    probe_model(model, cache_root() / "row_plans.json")
     eos = _eos_ids(config, tokenizer)
     limit = int(config.max_position_embeddings)
     if max_model_len is not None:

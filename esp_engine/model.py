@@ -86,13 +86,21 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.packed: torch.Tensor | None = None
         # How calls are shaped so that a row's result does not depend on the call's row count
         # (`row_invariance.probe_model` sets it per weight shape at load).
         self.row_plan = RowPlan()
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
+
+    def kind(self) -> str:
+        """What the kernel a call gets depends on, besides its row count."""
+        bias = "+bias" if self.bias is not None else ""
+        return f"{type(self).__name__}[{self.out_features}x{self.in_features}{bias}, {str(self.weight.dtype)[6:]}]"
+
+    def activation_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "PackedLinear":
@@ -113,6 +121,17 @@ def _onednn_ok() -> bool:
         return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except Exception:  # pragma: no cover - exotic builds
         return False
+
+
+def _refine_top(logits: torch.Tensor, hidden: torch.Tensor, head: "PackedLinear") -> torch.Tensor:
+    top = logits.max(dim=-1, keepdim=True).values
+    ulp = torch.finfo(hidden.dtype).eps * torch.exp2(torch.floor(torch.log2(top.abs().clamp_min(1e-30))))
+    rows, cols = torch.nonzero(logits >= top - 2 * ulp, as_tuple=True)
+    exact = (hidden[rows].float() * head.weight[cols].float()).sum(dim=-1)
+    if head.bias is not None:
+        exact += head.bias[cols].float()
+    logits[rows, cols] = exact
+    return logits
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +188,18 @@ class LlamaFamilyModel(nn.Module):
         return self.embed_tokens(token_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """float32 logits [R, V] of the rows `hidden` [R, hidden].
+
+        Below float32 the head's output is rounded to a few bits, so the top tokens often tie
+        exactly and the slightest change in the hidden state flips which one wins. The tokens
+        that can be the largest (within two units in the last place of the row's maximum) are
+        recomputed with float32 sums, the same for a row in any call, so the greedy choice
+        depends on the hidden state continuously instead of on where rounding falls.
+        """
+        logits = self.lm_head(hidden).float()
+        if hidden.dtype == torch.float32:
+            return logits
+        return _refine_top(logits, hidden, self.lm_head)
 
     @torch.inference_mode()
     def forward(
@@ -201,8 +231,14 @@ class LlamaFamilyModel(nn.Module):
         the batch (on a CPU as on a GPU, that read is most of a small-batch step); attention
         sees each sequence's own cache under its own tree mask (`attention.BatchAttention`).
         """
+        return self.forward_rows(embeds, positions, BatchAttention(caches, attn_masks, num_rows, embeds.device))
+
+    @torch.inference_mode()
+    def forward_rows(self, embeds: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+        """The layers over rows whose key/value writes and attention `attention` does: `write(layer,
+        k, v)`, `attend(layer, q, scale)` and `finish()`: `BatchAttention`, or one of the padded
+        batch's (`padded_attention`), whose passes a CUDA graph can capture."""
         total = embeds.shape[0]
-        attention = BatchAttention(caches, attn_masks, num_rows, embeds.device)
         cos = self.rope_cos[positions][:, None, :]  # [R, 1, D]
         sin = self.rope_sin[positions][:, None, :]
         x = embeds

@@ -20,6 +20,13 @@ def smol():
 
 
 @pytest.fixture(scope="session")
+def smol_bf16():
+    from esp_engine.loader import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
 def smol_engine(smol):
     from esp_engine.engine import LLMEngine
 
@@ -30,6 +37,20 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     from esp_engine.chat import render_chat
 
     return render_chat(tokenizer, [{"role": "user", "content": text}])
+
+
+def round_robin(questions: list[dict], n: int) -> list[dict]:
+    """The first `n` questions taking one category after another, so every category is in."""
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q["category"], []).append(q)
+    queues = [list(items) for items in by_category.values()]
+    picked: list[dict] = []
+    while len(picked) < n and any(queues):
+        for items in queues:
+            if items and len(picked) < n:
+                picked.append(items.pop(0))
+    return picked
 
 
 @pytest.fixture(scope="session")

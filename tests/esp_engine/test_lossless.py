@@ -7,7 +7,7 @@ every category.
 import pytest
 
 from esp_engine.config import SamplingParams, SpecConfig, preset_names
-from tests.conftest import chat_ids
+from tests.conftest import chat_ids, round_robin
 
 NUM_PROMPTS = 20
 MAX_NEW_TOKENS = 32
@@ -16,15 +16,7 @@ CONFIGS = [(m, p) for m in ("esp", "pld", "lade", "hybrid") for p in preset_name
 
 @pytest.fixture(scope="module")
 def prompts(smol, spec_bench_questions):
-    by_category: dict[str, list[dict]] = {}
-    for q in spec_bench_questions:
-        by_category.setdefault(q["category"], []).append(q)
-    picked = []
-    while len(picked) < NUM_PROMPTS:  # round-robin over categories
-        for items in by_category.values():
-            if items and len(picked) < NUM_PROMPTS:
-                picked.append(items.pop(0))
-    return [chat_ids(smol.tokenizer, q["turns"][0]) for q in picked]
+    return [chat_ids(smol.tokenizer, q["turns"][0]) for q in round_robin(spec_bench_questions, NUM_PROMPTS)]
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,15 @@ def test_greedy_output_matches_transformers_generate(smol, smol_engine, hf_smol)
         theirs = out[0, len(ids):].tolist()
         ours = smol_engine.generate(ids, SamplingParams(max_new_tokens=16, ignore_eos=True), SpecConfig(method="ar"))
         assert ours.output_ids == theirs
+
+
+def test_bf16_logits_choose_what_float32_sums_would_and_the_same_in_any_call(smol_bf16):
+    """Below float32 the head's rounded logits tie often; the near-top ones are summed again in
+    float32, so the greedy choice is the float32 one and a row's logits do not depend on its call."""
+    model = smol_bf16.model
+    hidden = torch.randn(40, model.shape.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits = model.logits(hidden)
+    exact = hidden.float() @ model.lm_head.weight.float().T
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    assert torch.equal(torch.cat([model.logits(hidden[i : i + 1]) for i in range(40)]), logits)
+    assert logits.dtype == torch.float32
