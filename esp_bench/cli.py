@@ -1,4 +1,4 @@
-"""The `esp-bench` command: `esp-bench run ...` (the default) and `esp-bench serve ...`."""
+"""The `esp-bench` command: `esp-bench run ...` (the default), `esp-bench serve ...` and `esp-bench plot ...`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import shlex
 import sys
 from typing import Sequence
 
-from . import engine_bench, serve_bench
+from . import engine_bench, plots, serve_bench
 from .common import BenchError
 
-SUBCOMMANDS = {"run": engine_bench, "serve": serve_bench}
+SUBCOMMANDS = {"run": engine_bench, "serve": serve_bench, "plot": plots}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esp-bench",
         description="Benchmarks of speculative decoding on Spec-Bench prompts. Without a subcommand, `run`.",
     )
-    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{run,serve}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, module in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

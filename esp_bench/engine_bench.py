@@ -21,6 +21,8 @@ Metrics, pooled over prompts (sum over sum, not a mean of ratios):
 `esp-bench serve ...` is the serving benchmark (esp_bench/serve_bench.py): it drives a running
 server over HTTP instead of loading a model.
 
+`--plot out.png` also draws the report (tau and speedup per category; esp_bench/plots.py).
+
 Method `hf` is an external baseline: transformers' own `model.generate()` on the same
 weights (greedy, no speculation); its forward calls are its generated tokens and its tau 1.0.
 """
@@ -38,6 +40,7 @@ from typing import Any, Sequence
 from esp_engine.config import METHODS, SamplingParams, SpecConfig, preset_names
 from esp_engine.errors import EngineError, InvalidSpecConfigError
 
+from . import plots
 from .common import BenchError, Prompt, fmt, grid, load_prompts, prompt_ids, utc_now, write_json
 
 HF_METHOD = "hf"
@@ -321,6 +324,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
                         "device computes it natively, else float32")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
+    plots.add_plot_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -341,6 +345,8 @@ def _bench(args: argparse.Namespace, command: str) -> int:
     if args.threads is not None and args.threads < 1:
         raise BenchError("--threads must be at least 1")
     runs = parse_methods(args.method, args.preset)
+    if args.plot:
+        plots.require_matplotlib()
     prompts = load_prompts(args.prompts, args.per_category or None, args.limit or None)
     labels = [r.label for r in runs]
     if args.check_lossless and "ar" not in labels:
@@ -394,4 +400,6 @@ def _bench(args: argparse.Namespace, command: str) -> int:
     print(format_table(report))
     if args.json_path:
         print(f"results written to {write_json(args.json_path, report)}")
+    if args.plot:
+        print(f"plot written to {plots.plot_run(report, args.plot)}")
     return 130 if interrupted else 0

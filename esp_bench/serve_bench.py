@@ -38,6 +38,9 @@ level; the root is --base-url without its /v1), as deltas over the level:
                        1 + this).
 They count everything the server did meanwhile, so other traffic to the same server skews them;
 a server without these series (or without /metrics) reports null.
+
+`--plot out.png` also draws the sweep against concurrency (esp_bench/plots.py; `esp-bench plot`
+draws several stored reports in one picture).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import plots
 from .common import BenchError, Prompt, fmt, grid, load_prompts, utc_now, write_json
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -399,6 +403,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: the server root + /metrics)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
+    plots.add_plot_argument(p)
     p.add_argument("--system-prompt", default=None,
                    help="a system message sent before every prompt; @FILE reads it from a file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -430,6 +435,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Run the sweep `args` describe; `command` is recorded in the report. Raises BenchError for a
     usage error; a failure talking to the server is reported here and returns 1."""
     settings = settings_from_args(args)
+    if args.plot:
+        plots.require_matplotlib()
     prompts = load_prompts(settings.prompts, settings.per_category or None, settings.num_prompts or None)
     try:
         import openai
@@ -461,4 +468,6 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(format_table(levels))
     if args.json_path:
         print(f"results written to {write_json(args.json_path, report)}")
+    if args.plot and levels:
+        print(f"plot written to {plots.plot_serve([report], args.plot)}")
     return 130 if interrupted else 0
