@@ -37,6 +37,10 @@ class BlockAllocator:
     def largest_free_run(self) -> int:
         return max((length for _, length in self._free), default=0)
 
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(start, length) of every run of free blocks, by start."""
+        return [(start, length) for start, length in self._free]
+
     def allocate(self, n: int) -> int | None:
         """Start of a run of `n` free blocks, now taken; None when no run is long enough."""
         if n < 1:

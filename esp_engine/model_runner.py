@@ -93,8 +93,7 @@ class ModelRunner:
         speculative = any(p.block is not None and n > 1 for p, n in zip(pieces, rows))
         if pieces:
             try:
-                hidden = self.model.forward_batch([p.seq.cache for p in pieces], torch.cat([p.embeds for p in pieces]),
-                                                  torch.cat([p.positions for p in pieces]), [p.attn for p in pieces], rows)
+                hidden = self._forward(pieces, rows)
             except Exception as exc:
                 log.error("forward pass failed", exc_info=exc)
                 for p in pieces:
@@ -104,6 +103,12 @@ class ModelRunner:
                     piece.hidden = part
                 self._finish(pieces)
         return StepResult(failed + [p.result for p in pieces], sum(rows), speculative)
+
+    def _forward(self, pieces: list[_Piece], rows: list[int]) -> torch.Tensor:
+        """Hidden states of every piece's rows, one piece after another (`PaddedModelRunner`
+        runs them in static buckets instead)."""
+        return self.model.forward_batch([p.seq.cache for p in pieces], torch.cat([p.embeds for p in pieces]),
+                                        torch.cat([p.positions for p in pieces]), [p.attn for p in pieces], rows)
 
     @staticmethod
     def _build(pieces: list[_Piece], failed: list[SequenceResult], seq: Sequence, build) -> None:
