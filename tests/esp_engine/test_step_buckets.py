@@ -246,6 +246,8 @@ def _cuda_tiny():
 
 
 def _cuda_step(model, pool):
+    pool.keys.zero_()  # slots a cache holds but never wrote sit in the KV blocks FlexAttention reads
+    pool.values.zero_()
     caches = [pool.allocate(128) for _ in range(3)]
     for i, cache in enumerate(caches):
         n = 30 + 11 * i
