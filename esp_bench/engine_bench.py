@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from esp_engine.config import METHODS, SamplingParams, SpecConfig, preset_names
+from esp_engine.config import METHODS, QUANTIZATION_METHODS, SamplingParams, SpecConfig, preset_names
 from esp_engine.errors import EngineError, InvalidSpecConfigError
 
 from . import plots
@@ -266,6 +266,7 @@ def build_report(runs: list[RunSpec], results: dict[str, list[PromptResult]], re
             "settings": run.settings(),
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "quantization": getattr(loaded, "quantization", "none"),
             "summary": summary,
             "per_category": per_category,
             "prompts": [r.to_dict(exact[i] if exact else None) for i, r in enumerate(rows)],
@@ -323,6 +324,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
                         "device computes it natively, else float32")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
+                   help="weight-only int8/int4 linears (CPU; see esp-serve --help); the hf baseline stays unquantized")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
     plots.add_plot_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -360,7 +363,8 @@ def _bench(args: argparse.Namespace, command: str) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                        quantization=args.quantization)
     runner = Runner(loaded, args.max_new_tokens)
     for prompt in prompts:
         prompt.ids = prompt_ids(loaded.tokenizer, prompt.text)
@@ -394,7 +398,8 @@ def _bench(args: argparse.Namespace, command: str) -> int:
 
     reference = results["ar"] if args.check_lossless else None
     report = build_report(runs, results, reference, loaded, machine, command)
-    print(f"model {loaded.name} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}), "
+    print(f"model {loaded.name} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}, "
+          f"quantization {getattr(loaded, 'quantization', 'none')}), "
           f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, torch threads {torch.get_num_threads()}"
           + (" (interrupted)" if interrupted else ""))
     print(format_table(report))

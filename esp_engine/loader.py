@@ -25,6 +25,7 @@ import torch
 
 from .errors import ModelLoadError
 from .model import SUPPORTED_ARCHITECTURES, LlamaFamilyModel
+from .quantization import check_supported, quantize_model
 from .row_invariance import probe_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     max_model_len: int
     source: str  # the directory the weights came from
+    quantization: str = "none"  # weight-only quantization of the linears (`quantization.METHODS`)
 
     @property
     def device(self) -> torch.device:
@@ -307,14 +309,19 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     max_model_len: int | None = None,
     num_threads: int | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load tokenizer and weights, and build our forward pass over them.
 
     `name_or_path`: a GGUF file (its name is the file's stem), the embedded model's name, a local
-    Hugging Face directory or a hub id in the local cache.
+    Hugging Face directory or a hub id in the local cache. `quantization` ("none", "int8",
+    "int4"): weight-only quantization of the linears, computed here from the weights as loaded
+    in `dtype`, which stays the activations' dtype (esp_engine/quantization.py).
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    quantization = quantization or "none"
+    check_supported(quantization, device, torch_dtype)  # before any weight is read
     if num_threads:
         torch.set_num_threads(num_threads)
     model_dir = resolve_model_dir(name_or_path)
@@ -339,6 +346,10 @@ def load_model(
     hf.eval()
     model = LlamaFamilyModel(hf)
     model.requires_grad_(False)
+    if quantization != "none":
+        t0 = time.perf_counter()
+        report = quantize_model(model, quantization)
+        log.info("%s, in %.1fs", report.summary(), time.perf_counter() - t0)
     # Last, on the final weights and thread count: which row counts give a row the same result.
     probe_model(model, cache_root() / "row_plans.json")
     eos = _eos_ids(config, tokenizer)
@@ -354,7 +365,7 @@ def load_model(
     else:
         name = name_or_path
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, eos_token_ids=eos,
-                       max_model_len=limit, source=str(model_dir))
+                       max_model_len=limit, source=str(model_dir), quantization=quantization)
 
 
 def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -102,6 +102,10 @@ class PackedLinear(nn.Module):
     def activation_dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of W as float32 (quantized subclasses dequantize them)."""
+        return self.weight[index].float()
+
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "PackedLinear":
         return cls(linear.weight.data, None if getattr(linear, "bias", None) is None else linear.bias.data)
@@ -127,7 +131,7 @@ def _refine_top(logits: torch.Tensor, hidden: torch.Tensor, head: "PackedLinear"
     top = logits.max(dim=-1, keepdim=True).values
     ulp = torch.finfo(hidden.dtype).eps * torch.exp2(torch.floor(torch.log2(top.abs().clamp_min(1e-30))))
     rows, cols = torch.nonzero(logits >= top - 2 * ulp, as_tuple=True)
-    exact = (hidden[rows].float() * head.weight[cols].float()).sum(dim=-1)
+    exact = (hidden[rows].float() * head.weight_rows(cols)).sum(dim=-1)
     if head.bias is not None:
         exact += head.bias[cols].float()
     logits[rows, cols] = exact

@@ -13,7 +13,7 @@ from types import FrameType
 
 import uvicorn
 
-from esp_engine.config import METHODS, PRESETS
+from esp_engine.config import METHODS, PRESETS, QUANTIZATION_METHODS
 from esp_engine.errors import InvalidRequestError, InvalidSpecConfigError
 from esp_engine.loader import LoadedModel
 from esp_engine.scheduler import SchedulerConfig
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
                         "device computes it natively, else float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
+                   help="weight-only quantization of the linears: none (default), int8 (one scale per output "
+                        "channel) or int4 (groups of 32, the LM head int8); CPU only, fast with --dtype bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esp-serve: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(model=args.model, method=args.method, preset=args.preset, dtype=args.dtype,
-                              device=args.device, max_model_len=args.max_model_len, api_key=args.api_key or None,
+                              quantization=args.quantization, device=args.device, max_model_len=args.max_model_len, api_key=args.api_key or None,
                               served_model_name=args.served_model_name, scheduler=scheduler,
                               max_request_bytes=args.max_request_bytes,
                               max_waiting_requests=args.max_waiting_requests,

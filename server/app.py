@@ -72,6 +72,7 @@ class ServerSettings:
     method: str = "hybrid"  # the best tau in every Spec-Bench category (docs/benchmarks.md)
     preset: str = "bc30"
     dtype: str | None = None
+    quantization: str = "none"  # weight-only int8/int4 linears (esp_engine/quantization.py)
     device: str | None = None
     max_model_len: int | None = None
     api_key: str | None = None
@@ -102,7 +103,8 @@ def build_app(
     settings = settings or ServerSettings()
     default_spec = settings.spec()  # refuse a bad --method/--preset before anything starts
     load = loader or (lambda: load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                                         max_model_len=settings.max_model_len))
+                                         max_model_len=settings.max_model_len,
+                                         quantization=settings.quantization))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,7 +113,8 @@ def build_app(
         def load_in_background() -> None:
             try:
                 t0 = time.perf_counter()
-                log.info("loading model %s", settings.model)
+                log.info("loading model %s (dtype %s, quantization %s)", settings.model, settings.dtype or "default",
+                         settings.quantization)
                 loaded = load()
                 if closing.is_set():
                     return
@@ -119,8 +122,10 @@ def build_app(
                 engine = AsyncEngine(LLMEngine(loaded, default_spec, settings.scheduler), app.state.metrics)
                 engine.start()
                 app.state.engine = engine
-                log.info("model %s ready in %.1fs (speculation: %s %s)", loaded.name, time.perf_counter() - t0,
-                         default_spec.method, settings.preset if default_spec.is_speculative else "")
+                log.info("model %s ready in %.1fs (%s, quantization %s; speculation: %s %s)", loaded.name,
+                         time.perf_counter() - t0, str(loaded.dtype).removeprefix("torch."),
+                         getattr(loaded, "quantization", "none"), default_spec.method,
+                         settings.preset if default_spec.is_speculative else "")
             except BaseException as exc:
                 log.exception("model loading failed")
                 app.state.load_error = exc

@@ -61,18 +61,23 @@ def spec_bench_questions() -> list[dict]:
     return json.loads((Path(__file__).parent / "data" / "prompts.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    """A 2-layer random Llama with a 16-token vocabulary: fast enough for statistics."""
+def random_llama(vocab_size: int = 16, hidden_size: int = 32, intermediate_size: int = 64, name: str = "tiny"):
+    """A 2-layer random Llama (seed 0), peaked enough that drafts get accepted."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from esp_engine.loader import LoadedModel
     from esp_engine.model import LlamaFamilyModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, initializer_range=0.3, tie_word_embeddings=False)
     hf = LlamaForCausalLM(config).eval()
     model = LlamaFamilyModel(hf)
-    return LoadedModel(name="tiny", model=model, tokenizer=None, eos_token_ids=(), max_model_len=256, source="")
+    return LoadedModel(name=name, model=model, tokenizer=None, eos_token_ids=(), max_model_len=256, source="")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A 2-layer random Llama with a 16-token vocabulary: fast enough for statistics."""
+    return random_llama()

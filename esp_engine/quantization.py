@@ -1,0 +1,243 @@
+"""Weight-only quantization: int8 or int4 weights, activations in the model's dtype.
+
+`quantize_model(model, "int8" | "int4")` replaces the layer linears of a `LlamaFamilyModel`
+(wqkv, wo, w_gate_up, w_down) and its LM head with the classes below (an int4 model gets an
+int8 head); embeddings, norms, RoPE tables and the KV cache keep the model's dtype. Each class is a `PackedLinear` that replaces
+only construction and `matmul(x)`, so `forward` still applies the layer's `RowPlan`.
+
+  int8  one symmetric scale per output channel: w = q * s, q in [-127, 127]; torch's
+        `_weight_int8pack_mm` (x, q [N, K] int8, s [N] in x's dtype).
+  int4  asymmetric groups of `INT4_GROUP_SIZE` weights along K: w = (q - 8) * s + z, q in
+        [0, 15]; torch's `_convert_weight_to_int4pack_for_cpu` packs q two to a byte and
+        `_weight_int4pack_mm_for_cpu` multiplies (s and z in x's dtype, [K/g, N, 2]).
+
+Both kernels are CPU kernels that compute every output element of a call on its own, one
+sum over K in a fixed order: a row's result is the same whatever the call's row count (the
+tests check 1 to 130 rows), so speculative decoding stays lossless. On x86 only bfloat16
+activations are vectorized (AVX2/AVX512); float32 and float16 run the kernels' scalar loops,
+correct but slower than the unquantized model (docs/benchmarks.md has the numbers).
+
+Shapes the kernels cannot take stay unquantized (logged): int8 needs K divisible by 16 (the
+bfloat16 kernel reads 16 values at a time and silently reads past a shorter row), int4 needs
+N divisible by 16 and K by the group size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import QUANTIZATION_METHODS
+from .errors import ModelLoadError
+from .model import LlamaFamilyModel, PackedLinear
+from .row_invariance import RowPlan
+
+log = logging.getLogger(__name__)
+
+METHODS = QUANTIZATION_METHODS
+INT4_GROUP_SIZE = 32  # the kernel takes 32, 64, 128 or 256; 32 divides every K of the models we run
+_CHUNK_ROWS = 4096  # output channels quantized at a time (a multiple of 64, see Int4Linear)
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The LM head is quantized with the layers: it is a fifth of SmolLM2's weights and a quarter of
+# Qwen2.5-0.5B's, and top-1 agreement with the unquantized head stays high (docs/benchmarks.md).
+QUANTIZE_LM_HEAD = True
+
+
+class _QuantizedLinear(PackedLinear):
+    """What the quantized linears share: shape, bias, row plan; `weight` holds the integer weight."""
+
+    method = ""
+
+    def _init_common(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)  # not PackedLinear's: that would pack the dense weight for oneDNN
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.packed = None
+        self.row_plan = RowPlan()
+        self._activation_dtype = dtype
+
+    def activation_dtype(self) -> torch.dtype:
+        return self._activation_dtype
+
+    def kind(self) -> str:
+        bias = "+bias" if self.bias is not None else ""
+        return (f"{type(self).__name__}[{self.out_features}x{self.in_features}{bias}, "
+                f"{self.scheme()}, {str(self._activation_dtype)[6:]}]")
+
+    def scheme(self) -> str:
+        return self.method
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self._activation_dtype:
+            raise TypeError(f"{type(self).__name__} computes in {self._activation_dtype}, got {x.dtype}")
+        return x.contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] that the kernel multiplies by."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.method}, activations {str(self._activation_dtype)[6:]}"
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = x (q s)^T + b with q int8 [N, K] and one scale per output channel."""
+
+    method = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self._init_common(weight, bias, dtype)
+        n, k = weight.shape
+        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(n, dtype=dtype, device=weight.device)
+        for start in range(0, n, _CHUNK_ROWS):  # in chunks: float32 temporaries stay small
+            w = weight[start : start + _CHUNK_ROWS].detach().to(torch.float32, copy=True)  # in place below
+            amax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())
+            # Round the scale to the activation dtype first: q is then the best for the scale used.
+            scale = (amax / 127).clamp_min_(torch.finfo(dtype).tiny).to(dtype)
+            scales[start : start + _CHUNK_ROWS] = scale
+            q[start : start + _CHUNK_ROWS] = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    @staticmethod
+    def fits(out_features: int, in_features: int) -> bool:
+        return in_features % 16 == 0
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(self._check(x), self.weight, self.scales)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.weight[index].float() * self.scales[index].float()[:, None]
+
+
+class Int4Linear(_QuantizedLinear):
+    """y = x W^T + b with W = (q - 8) s + z per group of `group_size` weights along K, q in 0..15."""
+
+    method = "int4"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
+        self._init_common(weight, bias, dtype)
+        n, k = weight.shape
+        self.group_size = group_size
+        packed, scales_and_zeros = [], []
+        # Chunks of whole 64-row blocks: the kernel packs each block of 64 output channels (32 on
+        # AVX2) on its own, so packing chunk by chunk gives the same bytes as packing all at once.
+        for start in range(0, n, _CHUNK_ROWS):
+            chunk = weight[start : start + _CHUNK_ROWS].detach().to(torch.float32, copy=True)  # in place below
+            groups = chunk.reshape(-1, k // group_size, group_size)
+            lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+            scale = ((hi - lo) / 15).clamp_min_(torch.finfo(dtype).tiny).to(dtype).float()
+            zero = (lo + 8 * scale).to(dtype).float()  # the kernel's zero is the value of q = 8
+            q = groups.sub_(zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(-1, k).to(torch.int32), 8))
+            scales_and_zeros.append(torch.stack([scale, zero], dim=-1).to(dtype))
+        self.weight = nn.Parameter(torch.cat(packed), requires_grad=False)
+        # [K/g, N, 2]: (scale, zero) of group g of output channel n, as the kernel reads them.
+        self.scales_and_zeros = nn.Parameter(torch.cat(scales_and_zeros).transpose(0, 1).contiguous(),
+                                             requires_grad=False)
+
+    def scheme(self) -> str:
+        return f"int4 g{self.group_size}"
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, group_size: int = INT4_GROUP_SIZE) -> bool:
+        return out_features % 16 == 0 and in_features % group_size == 0
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._check(x), self.weight, self.group_size,
+                                                       self.scales_and_zeros)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        # The packed layout is the kernel's own (it differs between AVX512, AVX2 and plain
+        # builds), so W is read back through the kernel: the float32 product with the identity
+        # is one weight times 1.0 per output. A scalar loop over N*K*K: for tests on small layers.
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        sz = self.scales_and_zeros.float()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, sz).T.contiguous()
+
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.dequantize()[index]  # slow: `quantize_model` gives an int4 model an int8 head
+
+
+_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
+# The LM head of an int4 model is int8, as llama.cpp's Q4_K_M keeps its output matrix at 6 bits:
+# it is where quantization error shows most directly in the logits, and bf16 greedy decoding
+# re-sums near-top logits from float32 rows of W (`model._refine_top`), which int8 gives cheaply.
+_HEAD_CLASSES = {"int8": Int8Linear, "int4": Int8Linear}
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizationReport:
+    """What `quantize_model` did, for the startup log and benchmarks."""
+
+    method: str
+    quantized: tuple[str, ...]  # module names replaced
+    kept: tuple[str, ...]  # linears left unquantized (shape the kernel cannot take)
+    bytes_before: int  # weight bytes of the linears replaced, before
+    bytes_after: int  # and after (integer weights, scales, zeros)
+
+    def summary(self) -> str:
+        text = (f"quantization {self.method}: {len(self.quantized)} linears, "
+                f"{self.bytes_before / 2**20:.0f} MiB -> {self.bytes_after / 2**20:.0f} MiB")
+        if self.kept:
+            text += f"; kept unquantized (shape): {', '.join(self.kept)}"
+        return text
+
+
+def check_supported(method: str, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Raise `ModelLoadError` for a method, device or activation dtype the kernels do not take."""
+    if method not in METHODS:
+        raise ModelLoadError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "none":
+        return
+    if torch.device(device).type != "cpu":
+        raise ModelLoadError(
+            f"--quantization {method} runs on CPU only (torch's weight-only int8/int4 CPU kernels); "
+            f"the device is {device!r}: use --device cpu or --quantization none")
+    if dtype not in ACTIVATION_DTYPES:
+        raise ModelLoadError(f"--quantization {method} needs float32, bfloat16 or float16 activations, not {dtype}")
+
+
+def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool = QUANTIZE_LM_HEAD) -> QuantizationReport:
+    """Replace the model's linears by `method`'s quantized ones, in place; activations stay in
+    the model's dtype. Call before the row-invariance probe, which must see the final kernels."""
+    check_supported(method, model.device, model.dtype)
+    if method == "none":
+        return QuantizationReport(method, (), (), 0, 0)
+    targets = [(f"layers.{i}.{name}", layer, name, _CLASSES[method]) for i, layer in enumerate(model.layers)
+               for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+    if lm_head:
+        targets.append(("lm_head", model, "lm_head", _HEAD_CLASSES[method]))
+    done = [label for label, owner, name, _ in targets if isinstance(getattr(owner, name), _QuantizedLinear)]
+    if done:
+        raise ModelLoadError(f"the model is quantized already ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''})")
+    quantized, kept, before, after = [], [], 0, 0
+    for label, owner, name, cls in targets:
+        dense: PackedLinear = getattr(owner, name)
+        if not cls.fits(dense.out_features, dense.weight.shape[1]):
+            kept.append(f"{label} {dense.out_features}x{dense.weight.shape[1]}")
+            continue
+        new = cls(dense.weight.data, None if dense.bias is None else dense.bias.data, model.dtype)
+        before += _nbytes(dense)
+        after += _nbytes(new)
+        setattr(owner, name, new)
+        quantized.append(label)
+    report = QuantizationReport(method, tuple(quantized), tuple(kept), before, after)
+    if kept:
+        log.warning("%s", report.summary())
+    return report
+
+
+def _nbytes(linear: nn.Module) -> int:
+    """Bytes of the weights as stored (not counting the oneDNN-reordered copy a dense linear also holds)."""
+    return sum(t.numel() * t.element_size() for t in linear.parameters())
