@@ -1,9 +1,10 @@
 """Weight-only quantization: int8 or int4 weights, activations in the model's dtype.
 
 `quantize_model(model, "int8" | "int4")` replaces the layer linears of a `LlamaFamilyModel`
-(wqkv, wo, w_gate_up, w_down) and its LM head with the classes below (an int4 model gets an
-int8 head); embeddings, norms, RoPE tables and the KV cache keep the model's dtype. Each class is a `PackedLinear` that replaces
-only construction and `matmul(x)`, so `forward` still applies the layer's `RowPlan`.
+(wqkv, wo, w_gate_up, w_down) with the classes below; the LM head stays unquantized unless asked
+(`lm_head=True`, then int8 for either method), and embeddings, norms, RoPE tables and the KV cache
+keep the model's dtype. Each class is a `PackedLinear` that replaces only construction and
+`matmul(x)`, so `forward` still applies the layer's `RowPlan`.
 
   int8  one symmetric scale per output channel: w = q * s, q in [-127, 127]; torch's
         `_weight_int8pack_mm` (x, q [N, K] int8, s [N] in x's dtype).
@@ -41,9 +42,11 @@ METHODS = QUANTIZATION_METHODS
 INT4_GROUP_SIZE = 32  # the kernel takes 32, 64, 128 or 256; 32 divides every K of the models we run
 _CHUNK_ROWS = 4096  # output channels quantized at a time (a multiple of 64, see Int4Linear)
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The LM head is quantized with the layers: it is a fifth of SmolLM2's weights and a quarter of
-# Qwen2.5-0.5B's, and top-1 agreement with the unquantized head stays high (docs/benchmarks.md).
-QUANTIZE_LM_HEAD = True
+# The LM head stays unquantized by default. Measured in bf16 (docs/benchmarks.md, "Weight-only
+# quantization"): an int8 head costs the same as the bf16 one for 1 row and 9-13% of the pass more
+# for 10-32 rows (the rows speculation verifies), and its top-1 agreement with the unquantized
+# model is 1-1.3 points lower; what it saves is memory (130 of Qwen2.5-0.5B's 942 MiB of linears).
+QUANTIZE_LM_HEAD = False
 
 
 class _QuantizedLinear(PackedLinear):
@@ -166,12 +169,12 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, sz).T.contiguous()
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self.dequantize()[index]  # slow: `quantize_model` gives an int4 model an int8 head
+        return self.dequantize()[index]  # slow: `quantize_model` never makes an int4 head
 
 
 _CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
-# The LM head of an int4 model is int8, as llama.cpp's Q4_K_M keeps its output matrix at 6 bits:
-# it is where quantization error shows most directly in the logits, and bf16 greedy decoding
+# A quantized LM head is int8 for either method, as llama.cpp's Q4_K_M keeps its output matrix at
+# 6 bits: it is where quantization error shows most directly in the logits, and bf16 greedy decoding
 # re-sums near-top logits from float32 rows of W (`model._refine_top`), which int8 gives cheaply.
 _HEAD_CLASSES = {"int8": Int8Linear, "int4": Int8Linear}
 

@@ -23,11 +23,13 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", default="1,2,4,6,8,10,12,16,20,24,30,40,60")
     args = parser.parse_args()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                        num_threads=args.threads)
     rows = tuple(int(r) for r in args.rows.split(","))
     costs = StepCostModel.measure(loaded.model, rows=rows, context=args.context, repeats=args.repeats)
     print(f"# {loaded.name} {loaded.dtype} quantization {loaded.quantization} on {loaded.device}, {platform.processor() or platform.machine()}, "

@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "device computes it natively, else float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
-                   help="weight-only quantization of the linears: none (default), int8 (one scale per output "
-                        "channel) or int4 (groups of 32, the LM head int8); CPU only, fast with --dtype bfloat16")
+                   help="weight-only quantization of the layers' linears (the LM head stays as it is): none "
+                        "(default), int8 (one scale per output channel) or int4 (groups of 32); CPU only, fast "
+                        "with --dtype bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
