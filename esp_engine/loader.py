@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .cpu_info import cpu_info, parse_cpu_info
 from .errors import ModelLoadError
 from .model import SUPPORTED_ARCHITECTURES, LlamaFamilyModel
 from .quantization import check_supported, quantize_model
@@ -80,16 +81,8 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
-    """The native bf16 instruction flag this CPU reports (Linux /proc/cpuinfo), or None."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    """The native bf16 instruction flag this CPU (or a /proc/cpuinfo text) reports, or None."""
+    flags = set((cpu_info() if cpuinfo is None else parse_cpu_info(cpuinfo)).flags)
     return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
 
 

@@ -15,12 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .cpu_info import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +102,8 @@ def machine_key(device: torch.device | str) -> str:
 
 
 def _cpu_model() -> str:
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = value.strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} [flags {hashlib.sha1(flags.encode()).hexdigest()[:12]}]"
+    info = cpu_info()
+    return f"{info.model_name} [flags {hashlib.sha1(' '.join(info.flags).encode()).hexdigest()[:12]}]"
 
 
 def probe_model(model: torch.nn.Module, cache_file: Path | None = None) -> dict[str, RowPlan]:
