@@ -4,11 +4,14 @@ Each sequence's cache is one run of consecutive pool slots, so its keys are a st
 SDPA reads in place. `BatchAttention` works out once per step where every row's key and value
 go, so each layer stores a whole batch's with one indexed copy into the pool.
 
-Attention itself stays one SDPA call per sequence, over exactly that sequence's keys. One call
-over keys gathered into a padded [B, L] layout would save the per-call overhead, but it changes
-the length each row's reductions run over, and with it their rounding: a request's tokens would
-then depend on which other requests share its pass (docs/engine.md has the measurement). Output
-that equals plain decoding of the request alone comes first.
+Attention itself stays one call per sequence, over exactly that sequence's keys. One call over
+keys gathered into a padded [B, L] layout would save the per-call overhead, but it changes the
+length each row's reductions run over, and with it their rounding: a request's tokens would then
+depend on which other requests share its pass (docs/engine.md has the measurement). Output that
+equals plain decoding of the request alone comes first.
+
+On a CPU that call is `InvariantAttention`, which gives a row the same bits whatever else its
+call holds, so that speculation is identical to plain decoding in every dtype; on a GPU it is SDPA.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class BatchAttention:
             self.spans.append((cache.length, cache.length + n))
             row += n
         self.masks = [_full_mask(m, s0, n, device) for m, (s0, _), n in zip(attn_masks, self.spans, num_rows)]
+        # On a CPU, built at the first layer, which tells the number of query heads.
+        self.invariant = device.type == "cpu"
+        self.per_sequence: list[InvariantAttention] | None = None
         pool = caches[0].pool
         self.pool = pool if all(c.pool is pool for c in caches) else None
         # [R] pool slot of every row, when several sequences share one pool (for one, two slice
@@ -59,6 +65,14 @@ class BatchAttention:
     def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention output [R, heads, D] for the rows' queries [R, heads, D]."""
         gqa = q.shape[1] != self.caches[0].keys.shape[1]
+        if self.invariant:
+            if self.per_sequence is None:
+                _, kv_heads, _, head_dim = self.caches[0].keys.shape
+                self.per_sequence = [InvariantAttention(mask, r1 - r0, s1, q.shape[1], kv_heads, head_dim, q.device)
+                                     for (r0, r1), (_, s1), mask in zip(self.bounds, self.spans, self.masks)]
+            outs = [attend(q[r0:r1], cache.keys[layer, :, :s1], cache.values[layer, :, :s1], scale)
+                    for attend, cache, (r0, r1), (_, s1) in zip(self.per_sequence, self.caches, self.bounds, self.spans)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         outs = []
         for cache, (r0, r1), (_, s1), mask in zip(self.caches, self.bounds, self.spans, self.masks):
             outs.append(F.scaled_dot_product_attention(
@@ -82,3 +96,64 @@ def _full_mask(block_mask: torch.Tensor | None, cache_len: int, num_rows: int, d
     if cache_len == 0:
         return block_mask
     return torch.cat([torch.ones(num_rows, cache_len, dtype=torch.bool, device=device), block_mask], dim=1)
+
+
+# Query rows per score matmul: few enough that a chunk's scores stay small at long contexts. And
+# the fewest rows a score matmul is given: the library rounds a call of fewer rows differently
+# (as `row_invariance` finds for the linears).
+_CHUNK_ROWS = 64
+_MIN_SCORE_ROWS = 16
+
+
+class InvariantAttention:
+    """One sequence's attention in a pass on a CPU: each row gets the same bits whatever else its
+    call holds.
+
+    The fused SDPA kernel rounds a row differently when its call holds other rows or masked keys
+    (a tree's siblings sit between a node's ancestors), and its one-row bf16 path is slow. Here
+    the query heads that share a key head are rows of one float32 `baddbmm` (products of bf16
+    values are exact in float32), padded to `_MIN_SCORE_ROWS`, whose bias holds the mask: each
+    score is then the same dot product in any call. Softmax and the value matmul run in float64
+    and round once to the dtype: their sums still run in an order that depends on the call, but
+    float64 leaves such differences some 29 bits below float32's rounding, so they do not reach
+    the result (docs/engine.md, "Row invariance").
+
+    Chunks of `_CHUNK_ROWS` rows read only the keys up to their last row unless some row sees a
+    later one (causal prefill and trees, whose nodes follow their parents, never do).
+    """
+
+    def __init__(self, visible: torch.Tensor | None, rows: int, length: int, heads: int, kv_heads: int,
+                 head_dim: int, device: torch.device) -> None:
+        self.visible, self.group, self.shape = visible, heads // kv_heads, (heads, kv_heads, head_dim)
+        sees_later = visible is not None and rows > _CHUNK_ROWS and bool(visible[:, length - rows:].triu(1).any())
+        self.chunks = []  # (first row, end row, keys seen)
+        for r0 in range(0, rows, _CHUNK_ROWS):
+            r1 = min(rows, r0 + _CHUNK_ROWS)
+            self.chunks.append((r0, r1, length if sees_later else length - (rows - r1)))
+        padded = max(_MIN_SCORE_ROWS, self.group * min(rows, _CHUNK_ROWS))
+        self.queries = torch.zeros(kv_heads, padded, head_dim, device=device)
+        # One chunk (every decode and verify pass) keeps its bias for all layers; a long prefill
+        # builds each chunk's when it gets there, since all of them at once would be quadratic.
+        self.bias = self._bias(*self.chunks[0]) if len(self.chunks) == 1 else None
+
+    def _bias(self, r0: int, r1: int, seen: int) -> torch.Tensor:
+        bias = torch.zeros(self.queries.shape[1], seen, device=self.queries.device)
+        if self.visible is not None:
+            hidden = ~self.visible[r0:r1, :seen]
+            bias[: self.group * (r1 - r0)].masked_fill_(hidden.repeat(self.group, 1), float("-inf"))
+        return bias
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """Output [M, heads, D] of queries [M, heads, D] over keys and values [kv_heads, L, D]."""
+        heads, kv_heads, d = self.shape
+        keys_t = keys.float().transpose(1, 2)
+        outs = []
+        for r0, r1, seen in self.chunks:
+            n = self.group * (r1 - r0)
+            self.queries[:, :n].copy_(q[r0:r1].transpose(0, 1).reshape(kv_heads, n, d))
+            bias = self.bias if self.bias is not None else self._bias(r0, r1, seen)
+            scores = torch.baddbmm(bias, self.queries, keys_t[:, :, :seen], alpha=scale)
+            probs = torch.softmax(scores[:, :n].double(), dim=-1)
+            out = torch.bmm(probs, values[:, :seen].double()).to(q.dtype)
+            outs.append(out.view(heads, r1 - r0, d).transpose(0, 1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

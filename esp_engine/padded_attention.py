@@ -5,7 +5,7 @@ pool (`slot_mapping`: real rows to their sequence's next slots, padding to the s
 then attends; `LlamaFamilyModel.forward_rows` calls `write(layer, k, v)`, `attend(layer, q,
 scale)` and `finish()`.
 
-- `SequenceAttention` (the CPU default): one SDPA call per real sequence over exactly its own
+- `SequenceAttention` (the CPU default): one attention call per real sequence over exactly its own
   cache, the very calls `BatchAttention` makes, so every real row gets bit for bit what the
   unpadded pass gives it. It loops over sequences in Python: eager only.
 - `GatheredAttention`: one SDPA call per layer for the whole batch. Each sequence's cached keys
@@ -42,7 +42,7 @@ def default_backend(device: torch.device) -> str:
 
 
 class SequenceAttention(BatchAttention):
-    """`BatchAttention`'s per-sequence SDPA calls, over the padded rows of `layout`. Padded rows
+    """`BatchAttention`'s per-sequence calls, over the padded rows of `layout`. Padded rows
     attend to nothing (their output is zero and never read)."""
 
     def __init__(self, layout: StepLayout, pool: KVPool) -> None:
