@@ -93,6 +93,7 @@ def _full_mask(block_mask: torch.Tensor | None, cache_len: int, num_rows: int, d
         return None  # one row sees everything: no mask at all is the fastest path
     if block_mask is None:
         block_mask = torch.ones(num_rows, num_rows, dtype=torch.bool, device=device).tril_()
+    block_mask = block_mask.to(device, non_blocking=True)  # layouts are built (and cached) on the host
     if cache_len == 0:
         return block_mask
     return torch.cat([torch.ones(num_rows, cache_len, dtype=torch.bool, device=device), block_mask], dim=1)

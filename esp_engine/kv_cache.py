@@ -248,18 +248,34 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
-    @torch.inference_mode()
     def compact(self, base: int, kept_slots: list[int]) -> None:
         """Keep slots [0, base) plus `kept_slots` (ascending, all >= base), moved to follow `base`.
 
         Stale entries beyond the new length are left in place: the next forward overwrites them,
         so nothing is zeroed and no whole cache is ever copied.
         """
-        n = len(kept_slots)
-        if n and kept_slots != list(range(base, base + n)):
-            src = torch.tensor(kept_slots, dtype=torch.long, device=self.keys.device)
-            dst = slice(base, base + n)
-            # Gather first (index_select copies), so overlapping source and destination are safe.
-            self.keys[:, :, dst] = self.keys.index_select(2, src)
-            self.values[:, :, dst] = self.values.index_select(2, src)
-        self.length = base + n
+        compact_caches([(self, base, kept_slots)])
+
+
+@torch.inference_mode()
+def compact_caches(moves: list[tuple[KVCache, int, list[int]]]) -> None:
+    """`KVCache.compact(base, kept_slots)` for each (cache, base, kept_slots), with one gather and
+    one scatter per pool for all caches that share it: on a GPU one index upload per step instead
+    of one per sequence."""
+    by_pool: dict[int, tuple[KVPool, list[int], list[int]]] = {}
+    for cache, base, kept in moves:
+        cache.length = base + len(kept)
+        if not kept or kept == list(range(base, base + len(kept))):
+            continue  # already in place
+        pool = cache.pool
+        _, src, dst = by_pool.setdefault(id(pool), (pool, [], []))
+        first = cache.start_block * pool.block_size  # the cache's slot 0 in the pool
+        src += [first + s for s in kept]
+        dst += range(first + base, first + base + len(kept))
+    for pool, src, dst in by_pool.values():
+        device = pool.keys.device
+        index = torch.tensor([src, dst], dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        # Gather first (index_select copies), so overlapping sources and destinations are safe;
+        # caches are disjoint runs of the pool, so one sequence's moves never touch another's.
+        pool.keys.index_copy_(2, index[1], pool.keys.index_select(2, index[0]))
+        pool.values.index_copy_(2, index[1], pool.values.index_select(2, index[0]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kv_cache import KVCache, compact_caches
 from .model import LlamaFamilyModel
 from .proposers.base import Draft
 from .sampling import token_logprobs
@@ -72,6 +73,7 @@ class _Piece:
     block: tuple[Draft, BlockLayout, int, int] | None = None  # draft, layout, base, max_rows (decode only)
     hidden: torch.Tensor | None = None
     choice_logits: torch.Tensor | None = None
+    greedy_choices: list[int] | None = None  # argmax of the rows a greedy sequence chooses with
     readout_hidden: torch.Tensor | None = None
 
 
@@ -160,30 +162,53 @@ class ModelRunner:
 
     # ---- outputs ------------------------------------------------------------------------------
     def _finish(self, pieces: list[_Piece]) -> None:
-        """Choose, verify and read back: the LM head runs twice for the whole batch."""
+        """Choose, verify and read back: the LM head runs twice for the whole batch, and the
+        greedy choices and KV moves of all sequences take one device transfer each."""
         live = [p for p in pieces if p.choosing.stop > p.choosing.start]
         for piece, logits in zip(live, self._logits([p.hidden[p.choosing] for p in live])):
             piece.choice_logits = logits
-        for piece in pieces:
-            self._guard(piece, self._choose)
+        self._greedy_choices(live)
+        moves = {i: move for i, piece in enumerate(pieces) if (move := self._guard(piece, self._choose)) is not None}
+        try:
+            compact_caches(list(moves.values()))
+        except Exception as exc:
+            for i in moves:
+                pieces[i].result.error = exc
         live = [p for p in pieces if p.readout_hidden is not None and p.result.error is None]
         for piece, logits in zip(live, self._logits([p.readout_hidden for p in live])):
             piece.result.readout = logits
 
     @staticmethod
-    def _guard(piece: _Piece, stage) -> None:
+    def _guard(piece: _Piece, stage):
+        """`stage(piece)`'s result; None, with the error on the piece's result, if it fails."""
         try:
-            stage(piece)
+            return stage(piece)
         except Exception as exc:
             piece.result.error = exc
+            return None
 
-    def _choose(self, piece: _Piece) -> None:
-        """Tokens from the choosing rows; the KV cache keeps what plain decoding would have."""
+    @staticmethod
+    def _greedy_choices(live: list[_Piece]) -> None:
+        """Argmax of every row a greedy sequence chooses with (a block's tree rows, a finished
+        prompt's last row), in one op and one copy to the host for the whole batch."""
+        chosen = [(p, p.choice_logits if p.block is not None else p.choice_logits[-1:]) for p in live
+                  if p.seq.chooser.is_greedy and (p.block is not None or p.result.prefill_done)]
+        if not chosen:
+            return
+        choices = torch.cat([rows for _, rows in chosen]).argmax(dim=-1).tolist()
+        start = 0
+        for piece, rows in chosen:
+            piece.greedy_choices = choices[start : start + rows.shape[0]]
+            start += rows.shape[0]
+
+    def _choose(self, piece: _Piece) -> tuple[KVCache, int, list[int]] | None:
+        """Tokens from the choosing rows. The KV cache keeps what plain decoding would have: a
+        block returns the move of its accepted path (cache, base, kept slots), which `_finish`
+        makes for the whole batch at once."""
         seq, result = piece.seq, piece.result
         if piece.block is not None:
             draft, layout, base, max_rows = piece.block
-            verdict = verify(draft.tree, piece.choice_logits, seq.chooser)
-            seq.cache.compact(base, [base] + [base + r for r in verdict.accepted_rows])
+            verdict = verify(draft.tree, piece.choice_logits, seq.chooser, piece.greedy_choices)
             result.decode = DecodeOutcome(draft, layout, verdict, max_rows)
             result.token_ids = verdict.committed
             rows = seq.proposer.readout_rows(draft, layout, verdict)
@@ -191,9 +216,9 @@ class ModelRunner:
             if seq.sampling.logprobs is not None:
                 result.logprobs = token_logprobs(piece.choice_logits[[0, *verdict.accepted_rows]], verdict.committed,
                                                  seq.sampling.logprobs)
-            return
+            return seq.cache, base, [base] + [base + r for r in verdict.accepted_rows]
         if piece.choice_logits is None:
-            return  # a prefill chunk that chooses nothing
+            return None  # a prefill chunk that chooses nothing
         logits = piece.choice_logits
         start, n = result.prompt_start, piece.choosing.stop
         if seq.sampling.prompt_logprobs is not None:  # row i predicts prompt token start+i+1
@@ -201,12 +226,13 @@ class ModelRunner:
             result.prompt_logprobs = token_logprobs(logits[: len(targets)], targets, seq.sampling.prompt_logprobs,
                                                     with_rank=True)
         if not result.prefill_done:
-            return
+            return None
         seq.cache.truncate(seq.cache.length - (piece.embeds.shape[0] - n))  # drop the masks' KV
-        result.token_ids = [seq.chooser.choose(logits[-1])]
+        result.token_ids = piece.greedy_choices or [seq.chooser.choose(logits[-1])]
         piece.readout_hidden = piece.hidden[n:]  # the prefill masks (ESP), if any
         if seq.sampling.logprobs is not None:
             result.logprobs = token_logprobs(logits[-1:], result.token_ids, seq.sampling.logprobs)
+        return None
 
     def _logits(self, groups: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The LM head over every group's rows at once, split back per group (None where empty)."""

@@ -30,12 +30,15 @@ class Verdict:
         return self.accepted_rows[-1] if self.accepted_rows else 0
 
 
-def verify(tree: DraftTree, tree_logits: torch.Tensor, chooser: TokenChooser) -> Verdict:
-    """Walk the tree from the root. `tree_logits` is [1 + N, V], one row per tree row."""
+def verify(tree: DraftTree, tree_logits: torch.Tensor, chooser: TokenChooser,
+           greedy_choices: list[int] | None = None) -> Verdict:
+    """Walk the tree from the root. `tree_logits` is [1 + N, V], one row per tree row;
+    `greedy_choices`, their argmax where the caller took it already (for a whole batch at once)."""
     children = tree.children_map()
     if chooser.is_greedy:
-        choices = tree_logits.argmax(dim=-1).tolist()  # one op for all rows; the walk is pure Python
-        pick = choices.__getitem__
+        if greedy_choices is None:
+            greedy_choices = tree_logits.argmax(dim=-1).tolist()  # one op for all rows; the walk is pure Python
+        pick = greedy_choices.__getitem__
     else:
         pick = lambda row: chooser.choose(tree_logits[row])  # noqa: E731 - only visited rows are sampled
     accepted: list[int] = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esp_engine.engine import LLMEngine
-from esp_engine.kv_cache import BlockAllocator, KVCache, KVCacheFull, KVPool, default_kv_budget
+from esp_engine.kv_cache import BlockAllocator, KVCache, KVCacheFull, KVPool, compact_caches, default_kv_budget
 from esp_engine.scheduler import SchedulerConfig
 
 
@@ -156,6 +156,22 @@ def test_compact_of_a_contiguous_path_copies_nothing():
     before = cache.keys.clone()
     cache.compact(base=3, kept_slots=[3, 4])
     assert cache.length == 5 and torch.equal(cache.keys, before)
+
+
+def test_caches_of_one_pool_compact_together_as_each_would_alone():
+    pool, alone = _pool(num_blocks=12), _pool(num_blocks=12)
+    plans = [(10, 4, [4, 6, 9]), (7, 2, [2, 3]), (9, 5, [5, 8]), (6, 6, [])]  # rows, base, kept slots
+    together = [_fill(pool.allocate(n), n, offset=100 * i) for i, (n, _, _) in enumerate(plans)]
+    separate = [_fill(alone.allocate(n), n, offset=100 * i) for i, (n, _, _) in enumerate(plans)]
+    compact_caches([(c, base, kept) for c, (_, base, kept) in zip(together, plans)])
+    for c, (_, base, kept) in zip(separate, plans):
+        c.compact(base, kept)
+    assert [c.length for c in together] == [c.length for c in separate] == [7, 4, 7, 6]
+    for a, b in zip(together, separate):
+        assert torch.equal(a.keys[:, :, : a.length], b.keys[:, :, : b.length])
+        assert torch.equal(a.values[:, :, : a.length], b.values[:, :, : b.length])
+    assert together[0].keys[0, 0, :7, 0].tolist() == [0, 1, 2, 3, 4, 6, 9]
+    assert together[2].keys[0, 0, :7, 0].tolist() == [200, 201, 202, 203, 204, 205, 208]
 
 
 def test_truncate_drops_mask_rows():
