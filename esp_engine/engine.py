@@ -20,6 +20,7 @@ from .errors import ContextLengthError, EngineError, InvalidRequestError
 from .kv_cache import KVPool, default_kv_budget
 from .loader import LoadedModel
 from .model_runner import ModelRunner
+from .padded_runner import PaddedModelRunner
 from .outputs import EngineStats, GenerationResult, RequestOutput
 from .prefix_cache import PrefixCache
 from .proposers import ProposerFactory
@@ -31,14 +32,22 @@ log = logging.getLogger(__name__)
 
 _MAX_SLACK = 256  # KV rows a decode block and prefill masks may add beyond the context, at most
 
+# How decode steps run: `plain` lays every step out as it comes (ModelRunner); `padded` pads it
+# into a static bucket, which is a captured CUDA graph on a GPU and an eager pass elsewhere
+# (PaddedModelRunner); `auto` is padded on a GPU and plain on a CPU, where padding rows cost.
+RUNNERS = ("auto", "plain", "padded")
+
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, default_spec: SpecConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, max_rows_per_step: int | None = None) -> None:
+                 scheduler_config: SchedulerConfig | None = None, max_rows_per_step: int | None = None,
+                 runner: str = "auto") -> None:
         """`scheduler_config` sets batching, the KV-cache budget and load-adaptive speculation;
         `max_rows_per_step` is a shortcut for its cap on the decode rows of one pass (vLLM's
         max_num_batched_tokens for decode): as the batch grows, each sequence's draft tree
-        shrinks to its share, down to plain decoding."""
+        shrinks to its share, down to plain decoding. `runner` is one of `RUNNERS`."""
+        if runner not in RUNNERS:
+            raise ValueError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
         config = scheduler_config or SchedulerConfig()
         if max_rows_per_step is not None:
             config = dataclasses.replace(config, max_rows_per_step=max_rows_per_step)
@@ -57,10 +66,22 @@ class LLMEngine:
         tuner = LoadTuner(self.step_costs()) if config.load_adaptive else None
         self.scheduler = Scheduler(config, self.kv_pool, loaded.max_model_len, tuple(loaded.eos_token_ids),
                                    tuner, self.prefix_cache)
-        self.runner = ModelRunner(self.model)
+        self.runner = self._runner(runner)
         self.proposers = ProposerFactory(self.model, self.step_costs)
         log.info("KV cache: %d blocks of %d slots (%.0f MiB)", self.kv_pool.num_blocks, config.block_size,
                  self.kv_pool.nbytes / 2**20)
+
+    def _runner(self, kind: str) -> ModelRunner:
+        if kind == "auto":
+            kind = "padded" if self.model.device.type == "cuda" else "plain"
+        if kind == "plain":
+            return ModelRunner(self.model)
+        runner = PaddedModelRunner(self.model, self.kv_pool)
+        stats = runner.padded.capture()  # the whole ladder now, so that no request waits for a capture
+        log.info("decode steps run padded into %d buckets (%s attention); %d CUDA graphs captured in %.1f s, "
+                 "%.0f MiB", len(runner.padded.ladder.buckets()), runner.padded.attention, stats.num_graphs,
+                 stats.seconds, stats.memory_bytes / 2**20)
+        return runner
 
     def step_costs(self) -> StepCostModel:
         """This machine's forward cost by block size, measured once on first use."""

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default), int8 (one scale per output channel) or int4 (groups of 32); CPU only, fast "
                         "with --dtype bfloat16")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps eagerly as they come instead of padded into captured CUDA "
+                        "graphs (a CPU always runs them eagerly)")
     p.add_argument("--api-key", default=os.environ.get("ESP_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ESP_SERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's)")
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_request_bytes=args.max_request_bytes,
                               max_waiting_requests=args.max_waiting_requests,
                               shutdown_timeout=args.shutdown_timeout,
-                              engine_step_timeout=args.engine_step_timeout)
+                              engine_step_timeout=args.engine_step_timeout, enforce_eager=args.enforce_eager)
     failed = threading.Event()
     server: DrainingServer | None = None
 

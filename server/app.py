@@ -84,6 +84,8 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     # One engine step running longer than this is a hang: /health turns 503 so the liveness probe restarts us.
     engine_step_timeout: float = 300.0
+    # Decode steps padded into captured CUDA graphs on a GPU unless this is set (vLLM's --enforce-eager).
+    enforce_eager: bool = False
     # Batching and KV memory; speculation adapts to load and prompt prefixes are cached unless told otherwise.
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(load_adaptive=True,
                                                                                 enable_prefix_caching=True))
@@ -119,7 +121,9 @@ def build_app(
                 if closing.is_set():
                     return
                 app.state.metrics.bind(settings.served_model_name or loaded.name)
-                engine = AsyncEngine(LLMEngine(loaded, default_spec, settings.scheduler), app.state.metrics)
+                engine = AsyncEngine(LLMEngine(loaded, default_spec, settings.scheduler,
+                                               runner="plain" if settings.enforce_eager else "auto"),
+                                     app.state.metrics)
                 engine.start()
                 app.state.engine = engine
                 log.info("model %s ready in %.1fs (%s, quantization %s; speculation: %s %s)", loaded.name,

@@ -197,3 +197,19 @@ def test_hybrid_short_of_rows_gives_them_all_to_its_chain_without_masks(tiny):
     assert proposer.fit(fresh, DraftBudget(8, 29)) == (3, True)
     draft = proposer.draft(matching, DraftBudget(8, 29))
     assert draft.num_masks == 0 and draft.tree.tokens[:4] == [4, 5, 6, 7]  # the copied chain, as far as it fits
+
+
+def test_decode_steps_run_plain_on_a_cpu_and_padded_when_asked_with_the_same_tokens(smol, smol_engine):
+    from esp_engine.model_runner import ModelRunner
+    from esp_engine.padded_runner import PaddedModelRunner
+    from tests.conftest import chat_ids
+
+    assert type(smol_engine.runner) is ModelRunner  # auto: padding rows cost on a CPU
+    padded = LLMEngine(smol, runner="padded")
+    assert isinstance(padded.runner, PaddedModelRunner)
+    prompt = chat_ids(smol.tokenizer, "Name three rivers in Europe.")
+    params, spec = SamplingParams(max_new_tokens=16), SpecConfig.from_preset("esp", "bc10")
+    assert padded.generate(prompt, params, spec).output_ids == smol_engine.generate(prompt, params, spec).output_ids
+    assert padded.runner.padded_passes > 0
+    with pytest.raises(ValueError, match="unknown runner"):
+        LLMEngine(smol, runner="graphs")

@@ -10,7 +10,7 @@ import torch
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine
 from esp_engine.kv_cache import KVPool
-from esp_engine.padded_runner import PaddedForward, PaddedModelRunner
+from esp_engine.padded_runner import PaddedForward
 from esp_engine.step_buckets import BlockRows, Bucket, BucketLadder, StepBuffers, take_scratch_slot
 from esp_engine.tree import block_layout
 from tests.conftest import chat_ids
@@ -187,9 +187,7 @@ def test_a_step_larger_than_every_bucket_is_left_to_the_unpadded_pass(mixed_step
 # ---- the engine ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def padded_engine(smol):
-    engine = LLMEngine(smol)
-    engine.runner = PaddedModelRunner(engine.model, engine.kv_pool)
-    return engine
+    return LLMEngine(smol, runner="padded")
 
 
 @pytest.fixture(scope="module")

@@ -121,5 +121,6 @@ def test_batching_flags_reach_the_settings_and_bad_ones_are_refused(capsys) -> N
     assert parse_args([]).load_adaptive is True
     assert parse_args([]).enable_prefix_caching is True
     assert parse_args(["--no-enable-prefix-caching"]).enable_prefix_caching is False
+    assert parse_args([]).enforce_eager is False and parse_args(["--enforce-eager"]).enforce_eager is True
     assert main(["--max-num-seqs", "16", "--max-num-batched-tokens", "8"]) == 2  # before any model loads
     assert "max_num_batched_tokens" in capsys.readouterr().err
