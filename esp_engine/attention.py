@@ -147,7 +147,7 @@ class InvariantAttention:
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
         """Output [M, heads, D] of queries [M, heads, D] over keys and values [kv_heads, L, D]."""
         heads, kv_heads, d = self.shape
-        keys_t = keys.float().transpose(1, 2)
+        keys_t, values = keys.float().transpose(1, 2), values.double()
         outs = []
         for r0, r1, seen in self.chunks:
             n = self.group * (r1 - r0)
@@ -155,6 +155,6 @@ class InvariantAttention:
             bias = self.bias if self.bias is not None else self._bias(r0, r1, seen)
             scores = torch.baddbmm(bias, self.queries, keys_t[:, :, :seen], alpha=scale)
             probs = torch.softmax(scores[:, :n].double(), dim=-1)
-            out = torch.bmm(probs, values[:, :seen].double()).to(q.dtype)
+            out = torch.bmm(probs, values[:, :seen]).to(q.dtype)
             outs.append(out.view(heads, r1 - r0, d).transpose(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
