@@ -64,7 +64,6 @@ class BatchAttention:
 
     def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention output [R, heads, D] for the rows' queries [R, heads, D]."""
-        gqa = q.shape[1] != self.caches[0].keys.shape[1]
         if self.invariant:
             if self.per_sequence is None:
                 _, kv_heads, _, head_dim = self.caches[0].keys.shape
@@ -73,6 +72,7 @@ class BatchAttention:
             outs = [attend(q[r0:r1], cache.keys[layer, :, :s1], cache.values[layer, :, :s1], scale)
                     for attend, cache, (r0, r1), (_, s1) in zip(self.per_sequence, self.caches, self.bounds, self.spans)]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        gqa = q.shape[1] != self.caches[0].keys.shape[1]
         outs = []
         for cache, (r0, r1), (_, s1), mask in zip(self.caches, self.bounds, self.spans, self.masks):
             outs.append(F.scaled_dot_product_attention(
