@@ -155,7 +155,8 @@ def test_compact_of_a_contiguous_path_copies_nothing():
     cache = _cache_with_slots(8)
     before = cache.keys.clone()
     cache.compact(base=3, kept_slots=[3, 4])
-    assert cache.length == 5 and torch.equal(cache.keys, before)
+    # Bits, not values: slots never written hold whatever the allocator left, NaN included.
+    assert cache.length == 5 and torch.equal(cache.keys.view(torch.int32), before.view(torch.int32))
 
 
 def test_caches_of_one_pool_compact_together_as_each_would_alone():
