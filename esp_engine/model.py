@@ -77,7 +77,7 @@ class PackedLinear(nn.Module):
     MKL's sgemm is slow for the 2..64-row inputs that tree blocks are made of (measured on the
     2-core CI box: a 3072x576 matmul costs 317 us at 4 rows against 101 us at 1 row), while
     oneDNN on a weight reordered once costs about the same for 1 to 8 rows. On CUDA, or where
-    oneDNN is missing, this is plain F.linear.
+    oneDNN is missing or cannot take the dtype (bf16 on a CPU without AVX512), this is plain F.linear.
     """
 
     _PACK_BATCH_HINT = 8  # measured: packing for 8 rows is fast from 1 to 64 rows
@@ -92,7 +92,10 @@ class PackedLinear(nn.Module):
         # (`row_invariance.probe_model` sets it per weight shape at load).
         self.row_plan = RowPlan()
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
+            except RuntimeError:  # oneDNN's bf16 path needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT
+                self.packed = None
 
     def kind(self) -> str:
         """What the kernel a call gets depends on, besides its row count."""
