@@ -39,8 +39,8 @@ class BatchAttention:
             self.spans.append((cache.length, cache.length + n))
             row += n
         self.masks = [_full_mask(m, s0, n, device) for m, (s0, _), n in zip(attn_masks, self.spans, num_rows)]
-        # On a CPU, built at the first layer, which tells the number of query heads.
         self.invariant = device.type == "cpu"
+        # With `invariant`, built at the first layer, which tells the number of query heads.
         self.per_sequence: list[InvariantAttention] | None = None
         pool = caches[0].pool
         self.pool = pool if all(c.pool is pool for c in caches) else None

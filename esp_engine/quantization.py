@@ -42,10 +42,9 @@ METHODS = QUANTIZATION_METHODS
 INT4_GROUP_SIZE = 32  # the kernel takes 32, 64, 128 or 256; 32 divides every K of the models we run
 _CHUNK_ROWS = 4096  # output channels quantized at a time (a multiple of 64, see Int4Linear)
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The LM head stays unquantized by default. Measured in bf16 (docs/benchmarks.md, "Weight-only
-# quantization"): an int8 head costs the same as the bf16 one for 1 row and 9-13% of the pass more
-# for 10-32 rows (the rows speculation verifies), and its top-1 agreement with the unquantized
-# model is 1-1.3 points lower; what it saves is memory (130 of Qwen2.5-0.5B's 942 MiB of linears).
+# The LM head stays unquantized by default: in bf16 an int8 head saves no time at one row, costs
+# more per pass at the 10-32 rows speculation verifies, and agrees less often with the unquantized
+# model; what it saves is memory. `scripts/quant_quality.py` measures all three.
 QUANTIZE_LM_HEAD = False
 
 
