@@ -322,8 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None,
-                   help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
-                        "device computes it natively, else float32")
+                   help="auto (the default): bfloat16 where the device computes it natively (a GPU, a CPU with "
+                        "amx_bf16 or avx512_bf16), else float32; or float32, bfloat16, float16")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
                    help="weight-only int8/int4 linears (CPU; see esp-serve --help); the hf baseline stays unquantized")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")

@@ -74,12 +74,6 @@ def cache_root() -> Path:
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """Without a dtype asked for: bf16 on a GPU; float32 on a CPU, where greedy output is then
-    identical to plain decoding (docs/api.md says what bf16 guarantees)."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
 def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
     """The native bf16 instruction flag this CPU (or a /proc/cpuinfo text) reports, or None."""
     flags = set((cpu_info() if cpuinfo is None else parse_cpu_info(cpuinfo)).flags)
@@ -97,11 +91,12 @@ def auto_dtype(device: str, cpuinfo: str | None = None) -> tuple[torch.dtype, st
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if dtype == "auto":
+    """The dtype asked for; asked for nothing, what `auto` picks. On a CPU every dtype gives
+    output identical to plain decoding in that dtype (docs/api.md), so the default can follow speed."""
+    if dtype is None or dtype == "auto":
         chosen, why = auto_dtype(device)
-        log.info("dtype auto: %s, since %s", str(chosen).removeprefix("torch."), why)
+        log.info("dtype %s: %s, since %s", "auto" if dtype else "default (auto)",
+                 str(chosen).removeprefix("torch."), why)
         return chosen
     if isinstance(dtype, torch.dtype):
         return dtype

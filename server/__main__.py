@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--dtype", default=None,
-                   help="float32 (the CPU default), bfloat16 (the GPU default), float16, or auto: bf16 where the "
-                        "device computes it natively, else float32")
+                   help="auto (the default): bfloat16 where the device computes it natively (a GPU, a CPU with "
+                        "amx_bf16 or avx512_bf16), else float32; or float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
                    help="weight-only quantization of the layers' linears (the LM head stays as it is): none "

@@ -50,7 +50,7 @@ def test_bench_end_to_end(prompts_file, tmp_path, capsys):
     out = tmp_path / "out.json"
     # per-category 1 + limit 3 -> writing(1), math(2) only: the limit comes after the per-category cut.
     rc = main([
-        "run", "--model", "smollm2-135m-instruct", "--device", "cpu", "--method", "ar,esp,pld:bc10", "--preset", "bc30",
+        "run", "--model", "smollm2-135m-instruct", "--device", "cpu", "--dtype", "float32", "--method", "ar,esp,pld:bc10", "--preset", "bc30",
         "--prompts", str(prompts_file), "--max-new-tokens", "6", "--per-category", "1",
         "--check-lossless", "--warmup", "1", "--no-progress", "--json", str(out),
     ])

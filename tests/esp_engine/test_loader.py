@@ -222,4 +222,14 @@ def test_dtype_auto_takes_bf16_only_where_the_cpu_computes_it_natively():
     dtype, why = auto_dtype("cpu", older)
     assert dtype is torch.float32 and "emulated" in why
     assert auto_dtype("cuda", older)[0] is torch.bfloat16
-    assert resolve_dtype(None, "cpu") is torch.float32  # asked for nothing: float32, exact, on any CPU
+
+
+def test_without_a_dtype_asked_for_the_loader_takes_what_auto_takes(monkeypatch):
+    import esp_engine.loader as loader
+    from esp_engine.cpu_info import parse_cpu_info
+
+    for flags, want in (("avx2 avx512f avx512_bf16", torch.bfloat16), ("avx2 fma", torch.float32)):
+        monkeypatch.setattr(loader, "cpu_info", lambda flags=flags: parse_cpu_info(f"flags\t\t: {flags}\n"))
+        assert loader.resolve_dtype(None, "cpu") is want
+        assert loader.resolve_dtype("auto", "cpu") is want
+    assert loader.resolve_dtype(None, "cuda") is torch.bfloat16

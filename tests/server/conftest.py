@@ -31,8 +31,9 @@ def tokenizer():
 def loaded():
     from esp_engine.loader import load_model
 
-    # A short context makes "prompt too long" cheap to provoke.
-    return load_model(max_model_len=MAX_MODEL_LEN)
+    # A short context makes "prompt too long" cheap to provoke; float32 on every CPU, since the
+    # scoring tests compare logprobs with a direct pass to fp32 tolerances.
+    return load_model(dtype="float32", max_model_len=MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="session")
