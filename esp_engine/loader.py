@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .cache_dir import cache_root
 from .cpu_info import cpu_info, parse_cpu_info
 from .errors import ModelLoadError
 from .model import SUPPORTED_ARCHITECTURES, LlamaFamilyModel
@@ -61,13 +62,6 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
-
-
-def cache_root() -> Path:
-    base = os.environ.get("ESP_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "esp-serve"
-    )
-    return Path(base)
 
 
 # CPU flags of native bf16 matrix instructions (AMX tiles, AVX512 dot products), best first.

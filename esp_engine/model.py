@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_linear
 from .attention import BatchAttention
 from .row_invariance import RowPlan
 from .kv_cache import KVCache
@@ -72,12 +73,12 @@ def _fuse_linear(linears: list[nn.Linear]) -> "PackedLinear":
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b, with W pre-packed for oneDNN on CPU.
+    """y = x W^T + b, with W packed once for the CPU kernel that computes it.
 
-    MKL's sgemm is slow for the 2..64-row inputs that tree blocks are made of (measured on the
-    2-core CI box: a 3072x576 matmul costs 317 us at 4 rows against 101 us at 1 row), while
-    oneDNN on a weight reordered once costs about the same for 1 to 8 rows. On CUDA, or where
-    oneDNN is missing or cannot take the dtype (bf16 on a CPU without AVX512), this is plain F.linear.
+    `backend` is "ours" (`cpu_linear`: AVX512 CPUs, float32 and bf16 where the CPU has native
+    bf16), else "onednn" (oneDNN on a weight reordered once: MKL's sgemm is slow for the 2..64-row
+    inputs tree blocks are made of, while oneDNN costs about the same for 1 to 8 rows), else "torch"
+    (F.linear: on a GPU, or where oneDNN is missing or cannot take the dtype).
     """
 
     _PACK_BATCH_HINT = 8  # measured: packing for 8 rows is fast from 1 to 64 rows
@@ -88,19 +89,26 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = weight.shape
         self.packed: torch.Tensor | None = None
+        self.backend = "torch"
         # How calls are shaped so that a row's result does not depend on the call's row count
         # (`row_invariance.probe_model` sets it per weight shape at load).
         self.row_plan = RowPlan()
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok():
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return
+        if cpu_linear.supports(weight.dtype):
+            self.packed, self.backend = cpu_linear.pack(weight), "ours"
+        elif _onednn_ok():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
+                self.backend = "onednn"
             except RuntimeError:  # oneDNN's bf16 path needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT
                 self.packed = None
 
     def kind(self) -> str:
         """What the kernel a call gets depends on, besides its row count."""
         bias = "+bias" if self.bias is not None else ""
-        return f"{type(self).__name__}[{self.out_features}x{self.in_features}{bias}, {str(self.weight.dtype)[6:]}]"
+        dtype = str(self.weight.dtype).removeprefix("torch.")
+        return f"{type(self).__name__}[{self.out_features}x{self.in_features}{bias}, {dtype}, {self.backend}]"
 
     def activation_dtype(self) -> torch.dtype:
         return self.weight.dtype
@@ -118,7 +126,9 @@ class PackedLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel itself, for any number of rows (subclasses for other weight formats replace this)."""
-        if self.packed is not None:
+        if self.backend == "ours":
+            return cpu_linear.linear(x, self.packed, self.out_features, self.bias)
+        if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -141,9 +151,11 @@ def _refine_top(logits: torch.Tensor, hidden: torch.Tensor, head: "PackedLinear"
     return logits
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [R, H, D] rotated: x cos + rotate_half(x) sin, with rotate_half(x) sin = flip(halves of x) sin_signed."""
+    rows, heads, dim = x.shape
+    swapped = x.reshape(rows, heads, 2, dim // 2).flip(2).view(rows, heads, dim)
+    return x * cos + swapped * sin_signed
 
 
 class LlamaFamilyModel(nn.Module):
@@ -181,7 +193,11 @@ class LlamaFamilyModel(nn.Module):
         positions = torch.arange(self.shape.max_position, device=self.embed_tokens.weight.device)[None]
         cos, sin = inner.rotary_emb(self.embed_tokens.weight[:1], positions)
         self.register_buffer("rope_cos", cos[0].to(self.embed_tokens.weight.dtype), persistent=False)
-        self.register_buffer("rope_sin", sin[0].to(self.embed_tokens.weight.dtype), persistent=False)
+        # sin with its first half negated: rotating half of x is then a flip of its two halves
+        # times this, one op instead of rotate_half's four, with the same bits (negation is exact).
+        half = head_dim // 2
+        sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.register_buffer("rope_sin_signed", sin_signed.to(self.embed_tokens.weight.dtype), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -247,19 +263,21 @@ class LlamaFamilyModel(nn.Module):
         batch's (`padded_attention`), whose passes a CUDA graph can capture."""
         total = embeds.shape[0]
         cos = self.rope_cos[positions][:, None, :]  # [R, 1, D]
-        sin = self.rope_sin[positions][:, None, :]
+        sin = self.rope_sin_signed[positions][:, None, :]
         x = embeds
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.wqkv(h)
-            q = qkv[:, : layer.q_size].view(total, layer.num_heads, layer.head_dim)
-            k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(total, layer.num_kv_heads, layer.head_dim)
-            v = qkv[:, layer.q_size + layer.kv_size :].view(total, layer.num_kv_heads, layer.head_dim)
-            if layer.q_norm is not None:
-                q = layer.q_norm(q)
-                k = layer.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            heads, qk_size = layer.num_heads, layer.q_size + layer.kv_size
+            v = qkv[:, qk_size:].view(total, layer.num_kv_heads, layer.head_dim)
+            if layer.q_norm is None:
+                # q and k rotated as one tensor: half the ops of rotating each.
+                qk = _rope(qkv[:, :qk_size].view(total, heads + layer.num_kv_heads, layer.head_dim), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:
+                q = _rope(layer.q_norm(qkv[:, : layer.q_size].view(total, heads, layer.head_dim)), cos, sin)
+                k = _rope(layer.k_norm(qkv[:, layer.q_size : qk_size].view(total, layer.num_kv_heads, layer.head_dim)),
+                          cos, sin)
             attention.write(i, k, v)
             attn = attention.attend(i, q, self.scale)
             x = x + layer.wo(attn.reshape(total, layer.q_size))

@@ -57,7 +57,7 @@ class _QuantizedLinear(PackedLinear):
         nn.Module.__init__(self)  # not PackedLinear's: that would pack the dense weight for oneDNN
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        self.packed = None
+        self.packed, self.backend = None, "torch"
         self.row_plan = RowPlan()
         self._activation_dtype = dtype
 

@@ -55,3 +55,30 @@ def test_bf16_logits_choose_what_float32_sums_would_and_the_same_in_any_call(smo
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     assert torch.equal(torch.cat([model.logits(hidden[i : i + 1]) for i in range(40)]), logits)
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+def test_every_architecture_computes_what_transformers_does(architecture):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms go through the same fused pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from esp_engine.model import LlamaFamilyModel
+
+    config = AutoConfig.for_model(architecture, vocab_size=96, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # random norm weights and biases, so that a dropped one shows
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    assert (architecture == "qwen2") == (hf.model.layers[0].self_attn.q_proj.bias is not None)
+    ours = LlamaFamilyModel(hf)
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(1))
+    cache = KVCache.standalone(2, 2, 16, 16, torch.float32, "cpu")
+    hidden = torch.cat([ours(cache, ours.embed(ids[:7]), torch.arange(7), None),
+                        ours(cache, ours.embed(ids[7:]), torch.arange(7, 12), None)])
+    with torch.inference_mode():
+        theirs = hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours.logits(hidden), theirs, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,111 @@
+"""Our CPU linear kernel (`kernels/linear_cpu.cpp`), compiled for this machine on first use.
+
+A decode step on a CPU streams every weight once, so its speed is how close the linears come to
+memory bandwidth. oneDNN's packed kernels stay well short of it at the one to few rows of decode
+and verify passes; this kernel packs W so that a vector's lanes are 16 outputs and streams it once
+for up to six rows of x (docs/engine.md, "The CPU linear kernel", has the measurements). Each
+output is one chain of fused multiply-adds in a fixed order, so a row's result never depends on
+the rows beside it: speculation's row invariance holds by construction.
+
+It needs AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights), a C++ compiler and ninja. It is
+compiled once per machine and torch version into the esp-serve cache (about 20 s); where any of that
+is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps oneDNN and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .cache_dir import cache_root
+from .cpu_info import cpu_info
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "linear_cpu.cpp"
+ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+# -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP loop; without the flag
+# the pragma is dropped and the kernel runs on one thread.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStatus:
+    module: ModuleType | None
+    dtypes: frozenset[torch.dtype]  # weight dtypes it runs on this CPU
+    reason: str  # why it is (not) used, for the log
+
+
+_lock = threading.Lock()
+_status: KernelStatus | None = None
+
+
+def status() -> KernelStatus:
+    """The kernel for this process, compiled or loaded from the cache at the first call."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+            log.info("CPU linear kernel: %s", _status.reason)
+        return _status
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether `pack` and `linear` take weights of `dtype` here (compiling the kernel if need be)."""
+    return dtype in (torch.float32, torch.bfloat16) and dtype in status().dtypes
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in the kernel's layout (a new tensor; W is not kept)."""
+    return status().module.pack(weight.contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's)."""
+    return status().module.linear(x, packed, out_features, bias)
+
+
+def _load() -> KernelStatus:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return KernelStatus(None, frozenset(), f"off ({ENV_SWITCH}=0): oneDNN")
+    flags = set(cpu_info().flags)
+    missing = [f for f in _AVX512 if f not in flags]
+    if missing:
+        return KernelStatus(None, frozenset(), f"the CPU lacks {', '.join(missing)}: oneDNN")
+    dtypes = {torch.float32} | ({torch.bfloat16} if "avx512_bf16" in flags else set())
+    path = os.environ.get("PATH", "")
+    try:
+        from torch.utils import cpp_extension
+
+        # torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it beside the venv's
+        # python, which is not on PATH unless the venv is activated.
+        os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path]) if _ninja_dir() else path
+        build = cache_root() / "kernels" / f"torch-{torch.__version__}"
+        build.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        module = cpp_extension.load(name="esp_linear_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        took = time.perf_counter() - t0
+    except Exception as exc:  # no compiler, no ninja, no Python headers, a read-only cache ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return KernelStatus(None, frozenset(), f"not built ({first[:200]}): oneDNN")
+    finally:
+        os.environ["PATH"] = path
+    names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
+    return KernelStatus(module, frozenset(dtypes), f"ours for {names} weights (ready in {took:.1f} s, {build})")
+
+
+def _ninja_dir() -> str | None:
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return getattr(ninja, "BIN_DIR", None)

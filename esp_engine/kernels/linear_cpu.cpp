@@ -1,0 +1,151 @@
+// y = x W^T + b for a CPU with AVX512: weights packed once so that the 16 lanes of a vector are
+// 16 outputs, and every output is one chain of fused multiply-adds over k in order. An output's
+// bits therefore depend only on its own row of x and of W, never on how many rows the call has or
+// how the work is split between threads: the row invariance that lossless speculation needs
+// (esp_engine/row_invariance.py), by construction. Small row counts stream the weights once.
+//
+// Packed layouts (N padded to a multiple of 16 with zero rows):
+//   float32:  [N/16][K][16]       lane j of vector k holds w[n0 + j, k]
+//   bfloat16: [N/16][K/2][16][2]  lane j of vector p holds (w[n0 + j, 2p], w[n0 + j, 2p + 1]),
+//                                 the pairs AVX512-BF16's dot product takes (K padded to even)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kLanes = 16;
+// A tile is kBlocks 16-output blocks by up to kRows rows of x: 24 accumulators, 4 weight vectors
+// and a broadcast of x in the 32 vector registers. More rows than kRows take more passes over the
+// tile's weights, from cache. (Tiles of 2 blocks by 12 rows measured slower in bf16 and no better
+// in float32 up to 10 rows: docs/engine.md.)
+constexpr int kBlocks = 4, kRows = 6;
+
+struct F32 {
+  using scalar = float;
+  static constexpr int kPerLane = 1;
+  static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_castsi512_ps(w), acc);
+  }
+  static inline void store(scalar* y, __m512 v, int valid) {
+    _mm512_mask_storeu_ps(y, (__mmask16)((1u << valid) - 1), v);
+  }
+};
+
+struct BF16 {
+  using scalar = at::BFloat16;
+  static constexpr int kPerLane = 2;
+  static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
+    int32_t pair;
+    std::memcpy(&pair, x + 2 * i, sizeof(pair));
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)w);
+  }
+  static inline void store(scalar* y, __m512 v, int valid) {
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_mask_storeu_epi16((void*)y, (__mmask16)((1u << valid) - 1), h);
+  }
+};
+
+// Accumulators of `blocks` consecutive 16-output blocks for up to `max_rows` rows of x.
+template <class T, int blocks, int max_rows>
+inline void tile(const typename T::scalar* x, int64_t ldx, int rows, const typename T::scalar* w,
+                 int64_t block_stride, int64_t steps, __m512 (&acc)[max_rows][blocks]) {
+  for (int m = 0; m < max_rows; ++m)
+    for (int j = 0; j < blocks; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t vector_elems = kLanes * T::kPerLane;
+  for (int64_t i = 0; i < steps; ++i) {
+    __m512i wv[blocks];
+    for (int j = 0; j < blocks; ++j)
+      wv[j] = _mm512_loadu_si512((const void*)(w + j * block_stride + i * vector_elems));
+    for (int m = 0; m < max_rows; ++m) {
+      if (m >= rows) break;
+      for (int j = 0; j < blocks; ++j) acc[m][j] = T::step(acc[m][j], x + m * ldx, i, wv[j]);
+    }
+  }
+}
+
+struct Problem {
+  int64_t rows, n_out, k_pad, steps, block_stride;
+};
+
+// The blocks [first, last) of every row, tile by tile.
+template <class T>
+void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::scalar* wp,
+                typename T::scalar* yp, const float* bp, int64_t first, int64_t last) {
+  __m512 acc[kRows][kBlocks];
+  for (int64_t b0 = first; b0 < last; b0 += kBlocks) {
+    const int blocks = (int)std::min<int64_t>(kBlocks, last - b0);
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kRows) {
+      const int tile_rows = (int)std::min<int64_t>(kRows, p.rows - m0);
+      const auto* xt = xp + m0 * p.k_pad;
+      const auto* wt = wp + b0 * p.block_stride;
+      if (blocks == kBlocks) {
+        tile<T, kBlocks, kRows>(xt, p.k_pad, tile_rows, wt, p.block_stride, p.steps, acc);
+      } else {  // the range's last blocks, one at a time
+        for (int j = 0; j < blocks; ++j) {
+          __m512 one[kRows][1];
+          tile<T, 1, kRows>(xt, p.k_pad, tile_rows, wt + j * p.block_stride, p.block_stride, p.steps, one);
+          for (int m = 0; m < tile_rows; ++m) acc[m][j] = one[m][0];
+        }
+      }
+      for (int m = 0; m < tile_rows; ++m)
+        for (int j = 0; j < blocks; ++j) {
+          const int64_t n0 = (b0 + j) * kLanes;
+          __m512 v = acc[m][j];
+          if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n0));
+          T::store(yp + (m0 + m) * p.n_out + n0, v, (int)std::min<int64_t>(kLanes, p.n_out - n0));
+        }
+    }
+  }
+}
+
+template <class T>
+torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n_out,
+                          const c10::optional<torch::Tensor>& bias) {
+  using S = typename T::scalar;
+  const int64_t rows = x_in.size(0), k_in = x_in.size(1);
+  const int64_t nblocks = packed.size(0), steps = packed.size(1);
+  const int64_t k_pad = steps * T::kPerLane;
+  torch::Tensor x = x_in.contiguous();
+  if (k_pad != k_in) x = torch::constant_pad_nd(x, {0, k_pad - k_in});
+  torch::Tensor y = torch::empty({rows, n_out}, x.options());
+  torch::Tensor b;
+  if (bias.has_value()) b = torch::constant_pad_nd(bias->to(torch::kFloat), {0, nblocks * kLanes - n_out});
+  const S* xp = x.data_ptr<S>();
+  const S* wp = packed.data_ptr<S>();
+  S* yp = y.data_ptr<S>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const Problem p{rows, n_out, k_pad, steps, steps * kLanes * T::kPerLane};
+  // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
+  at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
+    run_blocks<T>(p, xp, wp, yp, bp, first, last);
+  });
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16));
+  const int per_lane = w.scalar_type() == torch::kFloat ? 1 : 2;
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes, k_pad = (k + per_lane - 1) / per_lane * per_lane;
+  torch::Tensor padded = torch::constant_pad_nd(w, {0, k_pad - k, 0, n_pad - n});
+  return padded.view({n_pad / kLanes, kLanes, k_pad / per_lane, per_lane}).permute({0, 2, 1, 3}).contiguous();
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
+                     const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == packed.scalar_type());
+  const int64_t k_pad = packed.size(1) * packed.size(3);
+  TORCH_CHECK(packed.dim() == 4 && k_pad >= x.size(1) && k_pad - x.size(1) < packed.size(3),
+              "x has ", x.size(1), " columns; the packed weight takes ", k_pad);
+  if (x.scalar_type() == torch::kBFloat16) return linear_impl<BF16>(x, packed, n_out, bias);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
+  return linear_impl<F32>(x, packed, n_out, bias);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "pack W [N, K] for `linear`");
+  m.def("linear", &linear, "x [M, K] times packed W^T (+ bias), N outputs");
+}
