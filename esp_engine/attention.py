@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .kv_cache import KVCache
 
 
@@ -67,7 +68,8 @@ class BatchAttention:
         if self.invariant:
             if self.per_sequence is None:
                 _, kv_heads, _, head_dim = self.caches[0].keys.shape
-                self.per_sequence = [InvariantAttention(mask, r1 - r0, s1, q.shape[1], kv_heads, head_dim, q.device)
+                self.per_sequence = [InvariantAttention(mask, r1 - r0, s1, q.shape[1], kv_heads, head_dim, q.device,
+                                                        q.dtype)
                                      for (r0, r1), (_, s1), mask in zip(self.bounds, self.spans, self.masks)]
             outs = [attend(q[r0:r1], cache.keys[layer, :, :s1], cache.values[layer, :, :s1], scale)
                     for attend, cache, (r0, r1), (_, s1) in zip(self.per_sequence, self.caches, self.bounds, self.spans)]
@@ -110,7 +112,10 @@ class InvariantAttention:
     """One sequence's attention in a pass on a CPU: each row gets the same bits whatever else its
     call holds.
 
-    The fused SDPA kernel rounds a row differently when its call holds other rows or masked keys
+    Where our CPU kernels run (`cpu_kernels.attention`), each row's keys are listed in slot order
+    and everything runs over that list in float32 in a fixed order: a tree node's list is the one
+    its token has alone, so the bits are the same by construction. Elsewhere (`use_kernel`
+    False) torch ops do it. The fused SDPA kernel rounds a row differently when its call holds other rows or masked keys
     (a tree's siblings sit between a node's ancestors), and its one-row bf16 path is slow. Here
     the query heads that share a key head are rows of one float32 `baddbmm` (products of bf16
     values are exact in float32), padded to `_MIN_SCORE_ROWS`, whose bias holds the mask: each
@@ -124,8 +129,14 @@ class InvariantAttention:
     """
 
     def __init__(self, visible: torch.Tensor | None, rows: int, length: int, heads: int, kv_heads: int,
-                 head_dim: int, device: torch.device) -> None:
+                 head_dim: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 use_kernel: bool | None = None) -> None:
         self.visible, self.group, self.shape = visible, heads // kv_heads, (heads, kv_heads, head_dim)
+        if use_kernel is None:
+            use_kernel = device.type == "cpu" and cpu_kernels.supports_attention(dtype, head_dim)
+        self.use_kernel = use_kernel
+        if use_kernel:
+            return
         sees_later = visible is not None and rows > _CHUNK_ROWS and bool(visible[:, length - rows:].triu(1).any())
         self.chunks = []  # (first row, end row, keys seen)
         for r0 in range(0, rows, _CHUNK_ROWS):
@@ -146,6 +157,8 @@ class InvariantAttention:
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
         """Output [M, heads, D] of queries [M, heads, D] over keys and values [kv_heads, L, D]."""
+        if self.use_kernel:
+            return cpu_kernels.attention(q, keys, values, self.visible, scale)
         heads, kv_heads, d = self.shape
         keys_t, values = keys.float().transpose(1, 2), values.double()
         outs = []

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_linear
+from . import cpu_kernels
 from .attention import BatchAttention
 from .row_invariance import RowPlan
 from .kv_cache import KVCache
@@ -75,7 +75,7 @@ def _fuse_linear(linears: list[nn.Linear]) -> "PackedLinear":
 class PackedLinear(nn.Module):
     """y = x W^T + b, with W packed once for the CPU kernel that computes it.
 
-    `backend` is "ours" (`cpu_linear`: AVX512 CPUs, float32 and bf16 where the CPU has native
+    `backend` is "ours" (`cpu_kernels`: AVX512 CPUs, float32 and bf16 where the CPU has native
     bf16), else "onednn" (oneDNN on a weight reordered once: MKL's sgemm is slow for the 2..64-row
     inputs tree blocks are made of, while oneDNN costs about the same for 1 to 8 rows), else "torch"
     (F.linear: on a GPU, or where oneDNN is missing or cannot take the dtype).
@@ -95,8 +95,8 @@ class PackedLinear(nn.Module):
         self.row_plan = RowPlan()
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             return
-        if cpu_linear.supports(weight.dtype):
-            self.packed, self.backend = cpu_linear.pack(weight), "ours"
+        if cpu_kernels.supports(weight.dtype):
+            self.packed, self.backend = cpu_kernels.pack(weight), "ours"
         elif _onednn_ok():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
@@ -127,7 +127,7 @@ class PackedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel itself, for any number of rows (subclasses for other weight formats replace this)."""
         if self.backend == "ours":
-            return cpu_linear.linear(x, self.packed, self.out_features, self.bias)
+            return cpu_kernels.linear(x, self.packed, self.out_features, self.bias)
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

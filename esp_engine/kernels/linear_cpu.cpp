@@ -144,8 +144,3 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
   return linear_impl<F32>(x, packed, n_out, bias);
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "pack W [N, K] for `linear`");
-  m.def("linear", &linear, "x [M, K] times packed W^T (+ bias), N outputs");
-}

@@ -1,19 +1,24 @@
-"""Our CPU linear kernel (`kernels/linear_cpu.cpp`), compiled for this machine on first use.
+"""Our CPU kernels (`kernels/*.cpp`), compiled for this machine on first use.
 
-A decode step on a CPU streams every weight once, so its speed is how close the linears come to
-memory bandwidth. oneDNN's packed kernels stay well short of it at the one to few rows of decode
-and verify passes; this kernel packs W so that a vector's lanes are 16 outputs and streams it once
-for up to six rows of x (docs/engine.md, "The CPU linear kernel", has the measurements). Each
-output is one chain of fused multiply-adds in a fixed order, so a row's result never depends on
-the rows beside it: speculation's row invariance holds by construction.
+- `linear` (`kernels/linear_cpu.cpp`): a decode step on a CPU streams every weight once, so its
+  speed is how close the linears come to memory bandwidth. oneDNN's packed kernels stay short of
+  it at the one to few rows of decode and verify passes; this kernel packs W so that a vector's
+  lanes are 16 outputs and streams it once for up to six rows of x.
+- `attention` (`kernels/attention_cpu.cpp`): each row's attention over the keys it sees, listed
+  in slot order, in float32 and a fixed order.
 
-It needs AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights), a C++ compiler and ninja. It is
-compiled once per machine and torch version into the esp-serve cache (about 20 s); where any of that
-is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps oneDNN and the log says why.
+Each output of both is computed the same way whatever the rows beside it, so speculation's row
+invariance holds by construction (docs/engine.md, "The CPU kernels", has the measurements).
+
+They need AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights in `linear`), a C++ compiler
+and ninja. They are compiled once per machine and torch version into the esp-serve cache (about
+30 s); where any of that is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps
+oneDNN, `attention.InvariantAttention` its torch ops, and the log says why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -29,7 +34,7 @@ from .cpu_info import cpu_info
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "linear_cpu.cpp"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "module.cpp")]
 ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP loop; without the flag
@@ -40,7 +45,7 @@ _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512d
 @dataclass(frozen=True, slots=True)
 class KernelStatus:
     module: ModuleType | None
-    dtypes: frozenset[torch.dtype]  # weight dtypes it runs on this CPU
+    dtypes: frozenset[torch.dtype]  # weight dtypes `linear` runs on this CPU (attention: float32, bf16)
     reason: str  # why it is (not) used, for the log
 
 
@@ -54,13 +59,19 @@ def status() -> KernelStatus:
     with _lock:
         if _status is None:
             _status = _load()
-            log.info("CPU linear kernel: %s", _status.reason)
+            log.info("CPU kernels: %s", _status.reason)
         return _status
 
 
 def supports(dtype: torch.dtype) -> bool:
-    """Whether `pack` and `linear` take weights of `dtype` here (compiling the kernel if need be)."""
+    """Whether `pack` and `linear` take weights of `dtype` here (compiling the kernels if need be)."""
     return dtype in (torch.float32, torch.bfloat16) and dtype in status().dtypes
+
+
+def supports_attention(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `attention` takes this dtype and head size here."""
+    return (dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and head_dim <= 256
+            and status().module is not None)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -71,6 +82,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's)."""
     return status().module.linear(x, packed, out_features, bias)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Output [M, heads, D] of queries [M, heads, D] over keys and values [kv_heads, L, D], row m
+    seeing the keys where `visible` [M, L] is True (None: all)."""
+    return status().module.attention(q, keys, values, visible, scale)
 
 
 def _load() -> KernelStatus:
@@ -88,10 +106,15 @@ def _load() -> KernelStatus:
         # torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it beside the venv's
         # python, which is not on PATH unless the venv is activated.
         os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path]) if _ninja_dir() else path
-        build = cache_root() / "kernels" / f"torch-{torch.__version__}"
+        # One directory per source and flags: a rebuild never overwrites a library that another
+        # process (an older server sharing the cache) has loaded.
+        digest = hashlib.sha256(" ".join(_FLAGS).encode())
+        for source in SOURCES:
+            digest.update(source.read_bytes())
+        build = cache_root() / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
         build.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        module = cpp_extension.load(name="esp_linear_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS,
+        module = cpp_extension.load(name="esp_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=_FLAGS,
                                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         took = time.perf_counter() - t0
     except Exception as exc:  # no compiler, no ninja, no Python headers, a read-only cache ...
@@ -100,7 +123,8 @@ def _load() -> KernelStatus:
     finally:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
-    return KernelStatus(module, frozenset(dtypes), f"ours for {names} weights (ready in {took:.1f} s, {build})")
+    return KernelStatus(module, frozenset(dtypes),
+                        f"ours: attention, and linears of {names} weights (ready in {took:.1f} s, {build})")
 
 
 def _ninja_dir() -> str | None:

@@ -1,0 +1,166 @@
+// Attention of query rows over one sequence's cached keys and values, for a CPU with AVX512.
+//
+// A row's output must have the same bits whether the row is decoded alone or sits in a tree
+// block beside siblings it does not see (docs/engine.md, "Row invariance"). Here each (row, head)
+// first lists the keys it sees in slot order, and everything after runs over that list in a
+// fixed order, in float32: scores, their maximum, exp, the sum, and the weighted sum of values.
+// A tree node's list (the context, then its ancestors) is the list the same token has when
+// decoded alone, so its output is the same. Nothing depends on the other rows of the call, on
+// masked keys, or on the thread that computes it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  // Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN).
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
+// Lane by lane the same function of the same input, so where a value sits never changes it.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 vectors to one: lane j holds the sum of a[j]'s 16 lanes. The same fixed tree of adds for
+// each j; which j a key gets is its place in the row's list of keys, the same in any call.
+inline __m512 sum_each(__m512 (&a)[16]) {
+  __m512 b[8], c[4], e[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit lane l: (a2k, a2k+1) pairs of the lane's 4 elements, added
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // 128-bit lane l: the lane's sums of a4k .. a4k+3
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+  for (int k = 0; k < 2; ++k)  // pairs of 128-bit lanes added
+    e[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88), _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
+}
+
+template <class T>
+void attend_impl(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                 const c10::optional<torch::Tensor>& visible, double scale_d, torch::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = keys.size(0), length = keys.size(1);
+  const int64_t group = heads / kv_heads, dvec = dim / 16;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = keys.data_ptr<T>();
+  const T* vp = values.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t k_head = keys.stride(0), k_slot = keys.stride(1);
+  const int64_t v_head = values.stride(0), v_slot = values.stride(1);
+  const bool* mp = visible.has_value() ? visible->data_ptr<bool>() : nullptr;
+  const int64_t m_row = visible.has_value() ? visible->stride(0) : 0;
+  const float scale = (float)scale_d;
+  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<int32_t> seen;
+    std::vector<float> score;
+    seen.reserve(length);
+    score.resize(length + 16);
+    int64_t listed_row = -1;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t r = task / heads, h = task % heads, kvh = h / group;
+      if (r != listed_row) {  // the keys row r sees, in slot order
+        seen.clear();
+        for (int64_t j = 0; j < length; ++j)
+          if (mp == nullptr || mp[r * m_row + j]) seen.push_back((int32_t)j);
+        listed_row = r;
+      }
+      const int64_t n = (int64_t)seen.size();
+      T* o = op + (r * heads + h) * dim;
+      if (n == 0) {  // sees nothing: zeros (SDPA would give NaN; no pass asks for it)
+        for (int64_t d = 0; d < dvec; ++d) store16(o + d * 16, _mm512_setzero_ps());
+        continue;
+      }
+      __m512 qv[16];
+      const T* qrow = qp + (r * heads + h) * dim;
+      for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
+      const T* khead = kp + kvh * k_head;
+      const __m512 vscale = _mm512_set1_ps(scale);
+      __m512 vmax = _mm512_set1_ps(-INFINITY);
+      for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time; a short last group repeats its last key
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) {
+          const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
+          acc[j] = _mm512_mul_ps(qv[0], load16(krow));
+          for (int64_t d = 1; d < dvec; ++d) acc[j] = _mm512_fmadd_ps(qv[d], load16(krow + d * 16), acc[j]);
+        }
+        const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
+        _mm512_storeu_ps(score.data() + i0, s);
+        vmax = _mm512_max_ps(vmax, s);
+      }
+      const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
+      const __m512 vbest = _mm512_set1_ps(best);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, score.data() + i), vbest));
+        e = _mm512_maskz_mov_ps(lanes, e);
+        _mm512_mask_storeu_ps(score.data() + i, lanes, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+      __m512 acc[16];
+      for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 p = _mm512_set1_ps(score[i]);
+        const T* vrow = vp + kvh * v_head + (int64_t)seen[i] * v_slot;
+        for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_fmadd_ps(p, load16(vrow + d * 16), acc[d]);
+      }
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t d = 0; d < dvec; ++d) store16(o + d * 16, _mm512_mul_ps(acc[d], vinv));
+    }
+  });
+}
+
+}  // namespace
+
+// q [R, H, D]; keys, values [KV, L, D] (the last dim contiguous); visible: bool [R, L] or none
+// (every row sees every key). Returns [R, H, D] in q's dtype. D must be a multiple of 16, at most 256.
+torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& keys, const torch::Tensor& values,
+                        const c10::optional<torch::Tensor>& visible, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "q [R, H, D], keys/values [KV, L, D]");
+  const torch::Tensor q = q_in.contiguous();
+  const int64_t dim = q.size(2);
+  TORCH_CHECK(dim % 16 == 0 && dim <= 256, "head dim must be a multiple of 16, at most 256");
+  TORCH_CHECK(keys.size(2) == dim && values.sizes() == keys.sizes() && keys.stride(2) == 1 && values.stride(2) == 1);
+  TORCH_CHECK(q.size(1) % keys.size(0) == 0, "query heads must be a multiple of key heads");
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type());
+  if (visible.has_value()) {
+    TORCH_CHECK(visible->scalar_type() == torch::kBool && visible->dim() == 2 && visible->size(0) == q.size(0) &&
+                visible->size(1) == keys.size(1) && visible->stride(1) == 1, "visible: bool [R, L]");
+  }
+  torch::Tensor out = torch::empty_like(q);
+  if (q.scalar_type() == torch::kBFloat16) attend_impl<at::BFloat16>(q, keys, values, visible, scale, out);
+  else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
+    attend_impl<float>(q, keys, values, visible, scale, out);
+  }
+  return out;
+}

@@ -1,0 +1,143 @@
+"""Our CPU kernels compute x W^T + b and attention, and a row's bits never depend on the rows
+beside it, the thread count, or how the work is split; where they cannot run, PackedLinear keeps
+oneDNN."""
+
+import pytest
+import torch
+
+from esp_engine import cpu_kernels
+from esp_engine.cpu_info import parse_cpu_info
+from esp_engine.model import PackedLinear
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def needs_kernel(dtype):
+    if not cpu_kernels.supports(dtype):
+        pytest.skip(f"no kernel for {dtype} here: {cpu_kernels.status().reason}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (37, 19), (16, 2), (100, 33), (1, 64)])
+def test_it_computes_the_linear_for_any_shape(dtype, out_features, in_features):
+    needs_kernel(dtype)
+    gen = torch.Generator().manual_seed(out_features * in_features)
+    w = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    b = torch.randn(out_features, generator=gen).to(dtype)
+    packed = cpu_kernels.pack(w)
+    for rows in (1, 5, 6, 7, 13, 130):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        for bias in (b, None):
+            got = cpu_kernels.linear(x, packed, out_features, bias)
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+            ref = want if bias is not None else want - b.double()
+            # float32 sums of K products; bf16 adds one rounding of the output (8 bits).
+            tol = 1e-5 * in_features if dtype == torch.float32 else 2**-7
+            assert torch.allclose(got.double(), ref, rtol=tol, atol=tol * (1 + ref.abs().max().item())), rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_gets_the_same_bits_in_any_call_and_with_any_thread_count(dtype):
+    needs_kernel(dtype)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(1000, 576, generator=gen).to(dtype)  # 62.5 blocks of 16 outputs: a ragged split
+    b = torch.randn(1000, generator=gen).to(dtype)
+    packed = cpu_kernels.pack(w)
+    x = torch.randn(70, 576, generator=gen).to(dtype)
+    alone = torch.cat([cpu_kernels.linear(x[i : i + 1], packed, 1000, b) for i in range(70)])
+    for rows in (2, 3, 6, 7, 12, 17, 33, 70):
+        for start in (0, 70 - rows):
+            got = cpu_kernels.linear(x[start : start + rows], packed, 1000, b)
+            assert torch.equal(got, alone[start : start + rows]), (rows, start)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_kernels.linear(x, packed, 1000, b), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_linear_runs_on_it_where_it_can_and_says_so(dtype):
+    needs_kernel(dtype)
+    w, b = torch.randn(48, 32).to(dtype), torch.randn(48).to(dtype)
+    linear = PackedLinear(w, b)
+    assert linear.backend == "ours" and linear.kind() == f"PackedLinear[48x32+bias, {str(dtype)[6:]}, ours]"
+    x = torch.randn(5, 32).to(dtype)
+    assert torch.equal(linear(x), cpu_kernels.linear(x, linear.packed, 48, b))
+
+
+def test_without_the_kernel_packed_linear_keeps_onednn_and_the_log_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_status", cpu_kernels.KernelStatus(None, frozenset(), "off for this test"))
+    w = torch.randn(48, 32)
+    linear = PackedLinear(w, None)
+    assert linear.backend in ("onednn", "torch") and "ours" not in linear.kind()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(linear(x), x @ w.T)
+
+
+def test_it_is_not_built_where_the_cpu_or_the_switch_says_no(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info("flags\t\t: fpu sse2 avx2 fma\n"))
+    status = cpu_kernels._load()
+    assert status.module is None and not status.dtypes and "avx512f" in status.reason
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    status = cpu_kernels._load()
+    assert status.module is None and "ESP_SERVE_CPU_KERNEL=0" in status.reason
+
+
+def test_bf16_needs_the_cpu_s_bf16_dot_products(monkeypatch):
+    if cpu_kernels.status().module is None:
+        pytest.skip(cpu_kernels.status().reason)
+    monkeypatch.setattr(cpu_kernels, "cpu_info",
+                        lambda: parse_cpu_info("flags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq\n"))
+    status = cpu_kernels._load()  # compiled already: loads from the cache
+    assert status.dtypes == {torch.float32}
+
+
+def _reference_attention(q, keys, values, visible, scale):
+    group = q.shape[1] // keys.shape[0]
+    k, v = (t.double().repeat_interleave(group, 0) for t in (keys, values))
+    scores = torch.einsum("rhd,hld->rhl", q.double(), k) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("rhl,hld->rhd", torch.softmax(scores, -1), v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (14, 2, 64), (4, 4, 128), (2, 1, 16)])
+def test_attention_is_attention_and_a_row_alone_over_its_keys_gets_its_bits(dtype, heads, kv_heads, head_dim):
+    if not cpu_kernels.supports_attention(dtype, head_dim):
+        pytest.skip(cpu_kernels.status().reason)
+    gen = torch.Generator().manual_seed(head_dim)
+    length, rows = 300, 12
+    # keys and values as a cache hands them out: a run of a longer pool
+    pool = torch.randn(2, kv_heads, length + 50, head_dim, generator=gen).to(dtype)
+    keys, values = pool[0, :, :length], pool[1, :, :length]
+    q = torch.randn(rows, heads, head_dim, generator=gen).to(dtype)
+    visible = torch.ones(rows, length, dtype=torch.bool)
+    visible[:, -rows:] = torch.rand(rows, rows, generator=gen) < 0.5
+    visible[torch.arange(rows), length - rows + torch.arange(rows)] = True
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for mask in (visible, None):
+        out = cpu_kernels.attention(q, keys, values, mask, head_dim**-0.5)
+        assert out.dtype == dtype and out.shape == q.shape
+        want = _reference_attention(q, keys, values, mask, head_dim**-0.5)
+        torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    out = cpu_kernels.attention(q, keys, values, visible, head_dim**-0.5)
+    for r in range(rows):
+        own = visible[r].nonzero()[:, 0]
+        alone = cpu_kernels.attention(q[r : r + 1], keys[:, own], values[:, own], None, head_dim**-0.5)
+        assert torch.equal(alone[0], out[r]), r
+
+
+def test_attention_refuses_what_it_cannot_take():
+    if cpu_kernels.status().module is None:
+        pytest.skip(cpu_kernels.status().reason)
+    q, kv = torch.randn(2, 4, 24), torch.randn(2, 10, 24)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.attention(q, kv, kv, None, 0.2)
+    q, kv = torch.randn(2, 4, 32), torch.randn(2, 10, 32)
+    with pytest.raises(RuntimeError, match="visible"):
+        cpu_kernels.attention(q, kv, kv, torch.ones(2, 9, dtype=torch.bool), 0.2)
+    assert not cpu_kernels.supports_attention(torch.float16, 64) and not cpu_kernels.supports_attention(torch.float32, 72)
