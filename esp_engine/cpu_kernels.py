@@ -49,21 +49,23 @@ class KernelStatus:
     reason: str  # why it is (not) used, for the log
 
 
+_FALLBACK = "oneDNN linears and torch attention"
 _lock = threading.Lock()
 _status: KernelStatus | None = None
 
 
 def status() -> KernelStatus:
-    """The kernel for this process, compiled or loaded from the cache at the first call."""
+    """The kernels for this process, compiled or loaded from the cache at the first call."""
     global _status
-    with _lock:
-        if _status is None:
-            _status = _load()
-            log.info("CPU kernels: %s", _status.reason)
-        return _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _status = _load()
+                log.info("CPU kernels: %s", _status.reason)
+    return _status
 
 
-def supports(dtype: torch.dtype) -> bool:
+def supports_linear(dtype: torch.dtype) -> bool:
     """Whether `pack` and `linear` take weights of `dtype` here (compiling the kernels if need be)."""
     return dtype in (torch.float32, torch.bfloat16) and dtype in status().dtypes
 
@@ -93,12 +95,19 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible
 
 def _load() -> KernelStatus:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return KernelStatus(None, frozenset(), f"off ({ENV_SWITCH}=0): oneDNN")
+        return KernelStatus(None, frozenset(), f"off ({ENV_SWITCH}=0): {_FALLBACK}")
     flags = set(cpu_info().flags)
     missing = [f for f in _AVX512 if f not in flags]
     if missing:
-        return KernelStatus(None, frozenset(), f"the CPU lacks {', '.join(missing)}: oneDNN")
-    dtypes = {torch.float32} | ({torch.bfloat16} if "avx512_bf16" in flags else set())
+        return KernelStatus(None, frozenset(), f"the CPU lacks {', '.join(missing)}: {_FALLBACK}")
+    # bf16 linears need AVX512-BF16's dot product; and where AMX tiles compute bf16 matmuls,
+    # oneDNN's AMX path keeps blocks of rows nearly as cheap as one row, which speculation needs
+    # more than one row's speed, so bf16 linears stay on oneDNN there.
+    dtypes = {torch.float32}
+    if "avx512_bf16" in flags and "amx_bf16" not in flags:
+        dtypes.add(torch.bfloat16)
+    bf16_note = "" if torch.bfloat16 in dtypes else (
+        "; bf16 linears on oneDNN (AMX)" if "amx_bf16" in flags else "; bf16 linears on oneDNN (no avx512_bf16)")
     path = os.environ.get("PATH", "")
     try:
         from torch.utils import cpp_extension
@@ -119,12 +128,12 @@ def _load() -> KernelStatus:
         took = time.perf_counter() - t0
     except Exception as exc:  # no compiler, no ninja, no Python headers, a read-only cache ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return KernelStatus(None, frozenset(), f"not built ({first[:200]}): oneDNN")
+        return KernelStatus(None, frozenset(), f"not built ({first[:200]}): {_FALLBACK}")
     finally:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
     return KernelStatus(module, frozenset(dtypes),
-                        f"ours: attention, and linears of {names} weights (ready in {took:.1f} s, {build})")
+                        f"ours: attention, and linears of {names} weights{bf16_note} (ready in {took:.1f} s, {build})")
 
 
 def _ninja_dir() -> str | None:

@@ -95,7 +95,7 @@ class PackedLinear(nn.Module):
         self.row_plan = RowPlan()
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             return
-        if cpu_kernels.supports(weight.dtype):
+        if cpu_kernels.supports_linear(weight.dtype):
             self.packed, self.backend = cpu_kernels.pack(weight), "ours"
         elif _onednn_ok():
             try:

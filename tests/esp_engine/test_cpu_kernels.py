@@ -13,7 +13,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def needs_kernel(dtype):
-    if not cpu_kernels.supports(dtype):
+    if not cpu_kernels.supports_linear(dtype):
         pytest.skip(f"no kernel for {dtype} here: {cpu_kernels.status().reason}")
 
 
@@ -92,7 +92,16 @@ def test_bf16_needs_the_cpu_s_bf16_dot_products(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_info",
                         lambda: parse_cpu_info("flags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq\n"))
     status = cpu_kernels._load()  # compiled already: loads from the cache
-    assert status.dtypes == {torch.float32}
+    assert status.dtypes == {torch.float32} and "no avx512_bf16" in status.reason
+
+
+def test_bf16_linears_stay_on_onednn_where_amx_makes_blocks_cheap(monkeypatch):
+    if cpu_kernels.status().module is None:
+        pytest.skip(cpu_kernels.status().reason)
+    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info(
+        "flags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile\n"))
+    status = cpu_kernels._load()
+    assert status.dtypes == {torch.float32} and "AMX" in status.reason and status.module is not None
 
 
 def _reference_attention(q, keys, values, visible, scale):
