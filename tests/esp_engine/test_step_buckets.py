@@ -114,6 +114,11 @@ def mixed_step(smol):
     hidden states the unpadded pass gives a mixed step over them."""
     model, shape = smol.model, smol.model.shape
     pool = KVPool(shape.num_layers, shape.num_kv_heads, shape.head_dim, 40, 16, model.dtype)
+    # FlexAttention reads whole KV blocks, never-written slots too, where torch.empty may hold NaN
+    # (0 * NaN reaches real rows). PaddedForward zeroes the free blocks; these caches take theirs
+    # before it is built, so their unwritten slots are zeroed here, as the engine's order ensures.
+    pool.keys.zero_()
+    pool.values.zero_()
     caches = [pool.allocate(200) for _ in range(3)]
     for i, cache in enumerate(caches):
         n = 20 + 7 * i
