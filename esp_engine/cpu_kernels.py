@@ -6,14 +6,16 @@
   lanes are 16 outputs and streams it once for up to six rows of x.
 - `attention` (`kernels/attention_cpu.cpp`): each row's attention over the keys it sees, listed
   in slot order, in float32 and a fixed order.
+- `rms_norm` and `silu_mul` (`kernels/elementwise_cpu.cpp`): one call where torch takes several ops.
 
-Each output of both is computed the same way whatever the rows beside it, so speculation's row
+Each output is computed the same way whatever the rows beside it, so speculation's row
 invariance holds by construction (docs/engine.md, "The CPU kernels", has the measurements).
 
 They need AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights in `linear`), a C++ compiler
 and ninja. They are compiled once per machine and torch version into the esp-serve cache (about
 30 s); where any of that is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps
-oneDNN, `attention.InvariantAttention` its torch ops, and the log says why.
+oneDNN, `attention.InvariantAttention` and the model's norms and SiLU their torch ops, and the
+log says why.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from .cpu_info import cpu_info
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "module.cpp")]
+_KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "elementwise_cpu.cpp", "module.cpp")]
+HEADERS = [_KERNELS / "vec_cpu.h"]
 ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP loop; without the flag
@@ -93,6 +97,21 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible
     return status().module.attention(q, keys, values, visible, scale)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [M, H] / sqrt(mean(x^2) + eps) * weight, computed in float32, in x's dtype."""
+    return status().module.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [M, 2I] = [gate | up]: [M, I]."""
+    return status().module.silu_mul(gate_up)
+
+
+def supports_elementwise(dtype: torch.dtype) -> bool:
+    """Whether `rms_norm` and `silu_mul` take this dtype here."""
+    return dtype in (torch.float32, torch.bfloat16) and status().module is not None
+
+
 def _load() -> KernelStatus:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return KernelStatus(None, frozenset(), f"off ({ENV_SWITCH}=0): {_FALLBACK}")
@@ -118,7 +137,7 @@ def _load() -> KernelStatus:
         # One directory per source and flags: a rebuild never overwrites a library that another
         # process (an older server sharing the cache) has loaded.
         digest = hashlib.sha256(" ".join(_FLAGS).encode())
-        for source in SOURCES:
+        for source in SOURCES + HEADERS:
             digest.update(source.read_bytes())
         build = cache_root() / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
         build.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,13 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
                      const c10::optional<torch::Tensor>& bias);
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                         const c10::optional<torch::Tensor>& visible, double scale);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack W [N, K] for `linear`");
   m.def("linear", &linear, "x [M, K] times packed W^T (+ bias), N outputs");
   m.def("attention", &attention, "attention of q [R, H, D] over keys/values [KV, L, D] under visible [R, L]");
+  m.def("rms_norm", &rms_norm, "x [M, H] normalised by its root mean square, times weight [H]");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up [M, 2I]");
 }

@@ -78,6 +78,7 @@ def test_without_the_kernel_packed_linear_keeps_onednn_and_the_log_says_why(monk
 
 
 def test_it_is_not_built_where_the_cpu_or_the_switch_says_no(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
     monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info("flags\t\t: fpu sse2 avx2 fma\n"))
     status = cpu_kernels._load()
     assert status.module is None and not status.dtypes and "avx512f" in status.reason
@@ -150,3 +151,25 @@ def test_attention_refuses_what_it_cannot_take():
     with pytest.raises(RuntimeError, match="visible"):
         cpu_kernels.attention(q, kv, kv, torch.ones(2, 9, dtype=torch.bool), 0.2)
     assert not cpu_kernels.supports_attention(torch.float16, 64) and not cpu_kernels.supports_attention(torch.float32, 72)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_silu_mul_compute_what_torch_does_row_by_row(dtype):
+    if not cpu_kernels.supports_elementwise(dtype):
+        pytest.skip(cpu_kernels.status().reason)
+    gen = torch.Generator().manual_seed(5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for width in (576, 896, 33, 16):  # 33: a row that ends inside a vector
+        x = (torch.randn(37, width, generator=gen) * 3).to(dtype)
+        w = torch.randn(width, generator=gen).to(dtype)
+        got = cpu_kernels.rms_norm(x, w, 1e-5)
+        want = torch.nn.functional.rms_norm(x.double(), (width,), w.double(), 1e-5)
+        torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
+        assert torch.equal(torch.cat([cpu_kernels.rms_norm(x[i : i + 1], w, 1e-5) for i in range(37)]), got)
+    for inter in (1536, 24, 7):
+        wide = (torch.randn(9, 2 * inter + 8, generator=gen) * 4).to(dtype)
+        gate_up = wide[:, : 2 * inter]  # a view whose rows are not contiguous with each other
+        got = cpu_kernels.silu_mul(gate_up)
+        want = torch.nn.functional.silu(gate_up[:, :inter].double()) * gate_up[:, inter:].double()
+        torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol * 4)
+        assert torch.equal(torch.cat([cpu_kernels.silu_mul(gate_up[i : i + 1]) for i in range(9)]), got)
