@@ -115,8 +115,9 @@ class InvariantAttention:
     Where our CPU kernels run (`cpu_kernels.attention`), each row's keys are listed in slot order
     and everything runs over that list in float32 in a fixed order: a tree node's list is the one
     its token has alone, so the bits are the same by construction. Elsewhere (`use_kernel`
-    False) torch ops do it. The fused SDPA kernel rounds a row differently when its call holds other rows or masked keys
-    (a tree's siblings sit between a node's ancestors), and its one-row bf16 path is slow. Here
+    False) torch ops do it. The fused SDPA kernel rounds a row differently when its call holds
+    other rows or masked keys (a tree's siblings sit between a node's ancestors), and its one-row
+    bf16 path is slow. Here
     the query heads that share a key head are rows of one float32 `baddbmm` (products of bf16
     values are exact in float32), padded to `_MIN_SCORE_ROWS`, whose bias holds the mask: each
     score is then the same dot product in any call. Softmax and the value matmul run in float64

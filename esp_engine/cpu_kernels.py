@@ -53,7 +53,8 @@ class KernelStatus:
     reason: str  # why it is (not) used, for the log
 
 
-_FALLBACK = "oneDNN linears and torch attention"
+_DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes, where it runs at all
+_FALLBACK = "oneDNN linears, torch ops for the rest"
 _lock = threading.Lock()
 _status: KernelStatus | None = None
 
@@ -71,13 +72,12 @@ def status() -> KernelStatus:
 
 def supports_linear(dtype: torch.dtype) -> bool:
     """Whether `pack` and `linear` take weights of `dtype` here (compiling the kernels if need be)."""
-    return dtype in (torch.float32, torch.bfloat16) and dtype in status().dtypes
+    return dtype in _DTYPES and dtype in status().dtypes
 
 
 def supports_attention(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether `attention` takes this dtype and head size here."""
-    return (dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and head_dim <= 256
-            and status().module is not None)
+    return dtype in _DTYPES and head_dim % 16 == 0 and head_dim <= 256 and status().module is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def supports_elementwise(dtype: torch.dtype) -> bool:
     """Whether `rms_norm` and `silu_mul` take this dtype here."""
-    return dtype in (torch.float32, torch.bfloat16) and status().module is not None
+    return dtype in _DTYPES and status().module is not None
 
 
 def _load() -> KernelStatus:
@@ -133,7 +133,8 @@ def _load() -> KernelStatus:
 
         # torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it beside the venv's
         # python, which is not on PATH unless the venv is activated.
-        os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path]) if _ninja_dir() else path
+        ninja_dir = _ninja_dir()
+        os.environ["PATH"] = os.pathsep.join([ninja_dir, path]) if ninja_dir else path
         # One directory per source and flags: a rebuild never overwrites a library that another
         # process (an older server sharing the cache) has loaded.
         digest = hashlib.sha256(" ".join(_FLAGS).encode())
@@ -152,7 +153,8 @@ def _load() -> KernelStatus:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
     return KernelStatus(module, frozenset(dtypes),
-                        f"ours: attention, and linears of {names} weights{bf16_note} (ready in {took:.1f} s, {build})")
+                        f"ours: attention, norms, SiLU, and linears of {names} weights{bf16_note} "
+                        f"(ready in {took:.1f} s, {build})")
 
 
 def _ninja_dir() -> str | None:

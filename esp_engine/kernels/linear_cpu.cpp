@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "vec_cpu.h"
+
 namespace {
 
 constexpr int kLanes = 16;
@@ -27,9 +29,7 @@ struct F32 {
   static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
     return _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_castsi512_ps(w), acc);
   }
-  static inline void store(scalar* y, __m512 v, int valid) {
-    _mm512_mask_storeu_ps(y, (__mmask16)((1u << valid) - 1), v);
-  }
+  static inline void store(scalar* y, __m512 v, int valid) { esp::store16(y, v, valid); }
 };
 
 struct BF16 {
@@ -42,7 +42,7 @@ struct BF16 {
   }
   static inline void store(scalar* y, __m512 v, int valid) {
     __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    _mm256_mask_storeu_epi16((void*)y, (__mmask16)((1u << valid) - 1), h);
+    _mm256_mask_storeu_epi16((void*)y, esp::first_lanes(valid), h);
   }
 };
 
