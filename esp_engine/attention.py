@@ -83,6 +83,15 @@ class BatchAttention:
             )[0].transpose(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    def layout(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int], list[int], list[torch.Tensor | None]]:
+        """What `cpu_kernels.CpuDecoder.forward` takes instead of `write` and `attend` per layer:
+        each sequence's keys and values, the pass's row bounds, each sequence's first new slot,
+        and its mask [rows, slots seen] (None: all)."""
+        bounds = [0] + [r1 for _, r1 in self.bounds]
+        masks = [None if m is None else m.contiguous() for m in self.masks]
+        return ([c.keys for c in self.caches], [c.values for c in self.caches], bounds, [s0 for s0, _ in self.spans],
+                masks)
+
     def finish(self) -> None:
         """The caches now hold the pass's rows."""
         for cache, (_, s1) in zip(self.caches, self.spans):

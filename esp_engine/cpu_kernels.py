@@ -7,13 +7,17 @@
 - `attention` (`kernels/attention_cpu.cpp`): each row's attention over the keys it sees, listed
   in slot order, in float32 and a fixed order.
 - `rms_norm` and `silu_mul` (`kernels/elementwise_cpu.cpp`): one call where torch takes several ops.
+- `CpuDecoder` (`kernels/decoder_cpu.cpp`): all layers of a pass in one call, running the kernels
+  above and doing RoPE, the key/value stores and the residual adds with the roundings of torch's
+  ops, so its results have the bits of the op-by-op pass without its hundreds of op dispatches
+  (`model.LlamaFamilyModel.cpu_decoder`).
 
 Each output is computed the same way whatever the rows beside it, so speculation's row
 invariance holds by construction (docs/engine.md, "The CPU kernels", has the measurements).
 
 They need AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights in `linear`), a C++ compiler
-and ninja. They are compiled once per machine and torch version into the esp-serve cache (about
-30 s); where any of that is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps
+and ninja. They are compiled once per machine and torch version into the esp-serve cache (a minute
+or two); where any of that is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps
 oneDNN, `attention.InvariantAttention` and the model's norms and SiLU their torch ops, and the
 log says why.
 """
@@ -37,8 +41,9 @@ from .cpu_info import cpu_info
 log = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "elementwise_cpu.cpp", "module.cpp")]
-HEADERS = [_KERNELS / "vec_cpu.h"]
+SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "elementwise_cpu.cpp",
+                                          "decoder_cpu.cpp", "module.cpp")]
+HEADERS = [_KERNELS / name for name in ("vec_cpu.h", "ops_cpu.h")]
 ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP loop; without the flag

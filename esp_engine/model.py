@@ -163,6 +163,40 @@ def _refine_top(logits: torch.Tensor, hidden: torch.Tensor, head: "PackedLinear"
     return logits
 
 
+_UNBUILT = object()
+
+
+def _build_cpu_decoder(model: "LlamaFamilyModel"):
+    """`cpu_kernels.CpuDecoder` over the model's layers, or None where a layer needs something it
+    does not run: a linear off our kernel (oneDNN, quantized), per-head q/k norms (Qwen3), norms
+    or SiLU on torch ops, attention the kernel does not take, norms of different epsilons."""
+    shape, layers = model.shape, list(model.layers)
+    if model.device.type != "cpu" or shape.head_dim % 32 or not cpu_kernels.supports_attention(model.dtype, shape.head_dim):
+        return None
+    linears = [lin for layer in layers for lin in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
+    if not all(type(lin) is PackedLinear and lin.backend == "ours" for lin in linears):
+        return None
+    norms = [n for layer in layers for n in (layer.input_norm, layer.post_norm)]
+    if any(layer.q_norm is not None or not layer.silu_mul_kernel for layer in layers):
+        return None
+    if not all(n.use_kernel for n in norms) or len({n.eps for n in norms}) != 1:
+        return None
+    if model.rope_cos.dtype != model.dtype:
+        return None
+
+    def bias(lin: PackedLinear):
+        return None if lin.bias is None else lin.bias.data
+
+    return cpu_kernels.status().module.CpuDecoder(
+        shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, layers[0].intermediate, norms[0].eps,
+        model.scale, model.rope_cos, model.rope_sin_signed,
+        [layer.input_norm.weight.data for layer in layers], [layer.post_norm.weight.data for layer in layers],
+        [layer.wqkv.packed for layer in layers], [bias(layer.wqkv) for layer in layers],
+        [layer.wo.packed for layer in layers], [bias(layer.wo) for layer in layers],
+        [layer.w_gate_up.packed for layer in layers], [bias(layer.w_gate_up) for layer in layers],
+        [layer.w_down.packed for layer in layers], [bias(layer.w_down) for layer in layers])
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x [R, H, D] rotated: x cos + rotate_half(x) sin, with rotate_half(x) sin = flip(halves of x) sin_signed."""
     rows, heads, dim = x.shape
@@ -210,6 +244,9 @@ class LlamaFamilyModel(nn.Module):
         half = head_dim // 2
         sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.register_buffer("rope_sin_signed", sin_signed.to(self.embed_tokens.weight.dtype), persistent=False)
+        # Built at the first pass, from the layers as they are then (after quantization).
+        self.use_cpu_decoder = True
+        self._cpu_decoder = _UNBUILT
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +303,28 @@ class LlamaFamilyModel(nn.Module):
         the batch (on a CPU as on a GPU, that read is most of a small-batch step); attention
         sees each sequence's own cache under its own tree mask (`attention.BatchAttention`).
         """
-        return self.forward_rows(embeds, positions, BatchAttention(caches, attn_masks, num_rows, embeds.device))
+        attention = BatchAttention(caches, attn_masks, num_rows, embeds.device)
+        decoder = self.cpu_decoder() if attention.invariant else None
+        if decoder is None:
+            return self.forward_rows(embeds, positions, attention)
+        keys, values, row_bounds, slot_starts, masks = attention.layout()
+        x = decoder.forward(embeds, positions, keys, values, row_bounds, slot_starts, masks)
+        attention.finish()
+        return self.norm(x)
+
+    def cpu_decoder(self):
+        """The C++ pass over all layers (`cpu_kernels.CpuDecoder`), built at the first call, or
+        None where some part of a layer does not run on our CPU kernels (then `forward_rows`
+        runs op by op, with the same bits where both run) or `use_cpu_decoder` is False."""
+        if not self.use_cpu_decoder:
+            return None
+        if self._cpu_decoder is _UNBUILT:
+            self._cpu_decoder = _build_cpu_decoder(self)
+        return self._cpu_decoder
+
+    def layers_changed(self) -> None:
+        """Call after replacing a layer's modules (quantization): the next pass rebuilds the C++ one."""
+        self._cpu_decoder = _UNBUILT
 
     @torch.inference_mode()
     def forward_rows(self, embeds: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:

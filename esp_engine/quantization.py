@@ -234,6 +234,7 @@ def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool = QUAN
         after += _nbytes(new)
         setattr(owner, name, new)
         quantized.append(label)
+    model.layers_changed()
     report = QuantizationReport(method, tuple(quantized), tuple(kept), before, after)
     if kept:
         log.warning("%s", report.summary())

@@ -77,6 +77,25 @@ def random_llama(vocab_size: int = 16, hidden_size: int = 32, intermediate_size:
     return LoadedModel(name=name, model=model, tokenizer=None, eos_token_ids=(), max_model_len=256, source="")
 
 
+def random_architecture(architecture: str, *, hidden_size: int = 64, intermediate_size: int = 128,
+                        num_attention_heads: int = 4, head_dim: int = 16, max_position_embeddings: int = 64):
+    """A 2-layer random transformers model of `architecture` (seed 0, 96 tokens, 2 key heads) whose
+    norm weights and biases are random too, so that a dropped one shows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(architecture, vocab_size=96, hidden_size=hidden_size,
+                                  intermediate_size=intermediate_size, num_hidden_layers=2,
+                                  num_attention_heads=num_attention_heads, num_key_value_heads=2, head_dim=head_dim,
+                                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return hf
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A 2-layer random Llama with a 16-token vocabulary: fast enough for statistics."""

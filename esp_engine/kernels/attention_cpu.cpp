@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
@@ -35,20 +36,19 @@ inline __m512 sum_each(__m512 (&a)[16]) {
 }
 
 template <class T>
-void attend_impl(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
-                 const c10::optional<torch::Tensor>& visible, double scale_d, torch::Tensor& out) {
-  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = keys.size(0), length = keys.size(1);
+void attend_impl(const esp::AttendArgs<T>& a) {
+  const int64_t rows = a.rows, heads = a.heads, dim = a.dim;
+  const int64_t kv_heads = a.kv_heads, length = a.length;
   const int64_t group = heads / kv_heads, dvec = dim / 16;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = keys.data_ptr<T>();
-  const T* vp = values.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t k_head = keys.stride(0), k_slot = keys.stride(1);
-  const int64_t v_head = values.stride(0), v_slot = values.stride(1);
-  const bool* mp = visible.has_value() ? visible->data_ptr<bool>() : nullptr;
-  const int64_t m_row = visible.has_value() ? visible->stride(0) : 0;
-  const float scale = (float)scale_d;
+  const T* qp = a.q;
+  const T* kp = a.keys;
+  const T* vp = a.values;
+  T* op = a.out;
+  const int64_t k_head = a.k_head, k_slot = a.k_slot;
+  const int64_t v_head = a.v_head, v_slot = a.v_slot;
+  const bool* mp = a.visible;
+  const int64_t m_row = a.visible_row;
+  const float scale = a.scale;
   at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
     std::vector<int32_t> seen;
     std::vector<float> score;
@@ -128,10 +128,21 @@ torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& keys, co
                 visible->size(1) == keys.size(1) && visible->stride(1) == 1, "visible: bool [R, L]");
   }
   torch::Tensor out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kBFloat16) attend_impl<at::BFloat16>(q, keys, values, visible, scale, out);
-  else {
+  const bool* mp = visible.has_value() ? visible->data_ptr<bool>() : nullptr;
+  const int64_t m_row = visible.has_value() ? visible->stride(0) : 0;
+  if (q.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    attend_impl<T>({q.data_ptr<T>(), q.size(0), q.size(1), dim, keys.data_ptr<T>(), values.data_ptr<T>(), keys.size(0),
+                    keys.size(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), mp, m_row,
+                    (float)scale, out.data_ptr<T>()});
+  } else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
-    attend_impl<float>(q, keys, values, visible, scale, out);
+    attend_impl<float>({q.data_ptr<float>(), q.size(0), q.size(1), dim, keys.data_ptr<float>(),
+                        values.data_ptr<float>(), keys.size(0), keys.size(1), keys.stride(0), keys.stride(1),
+                        values.stride(0), values.stride(1), mp, m_row, (float)scale, out.data_ptr<float>()});
   }
   return out;
 }
+
+void esp::attend_rows(const AttendArgs<float>& a) { attend_impl<float>(a); }
+void esp::attend_rows(const AttendArgs<at::BFloat16>& a) { attend_impl<at::BFloat16>(a); }

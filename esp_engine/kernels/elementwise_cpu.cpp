@@ -7,16 +7,13 @@
 
 #include <cmath>
 
+#include "ops_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
 
 template <class T>
-void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& y) {
-  const int64_t rows = x.size(0), dim = x.size(1);
-  const T* xp = x.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+void rms_norm_impl(const T* xp, const T* wp, int64_t rows, int64_t dim, float eps, T* yp) {
   at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* xr = xp + r * dim;
@@ -25,7 +22,7 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
         const __m512 v = esp::load16(xr + d, dim - d);
         acc = _mm512_fmadd_ps(v, v, acc);
       }
-      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)dim + (float)eps);
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)dim + eps);
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t d = 0; d < dim; d += 16)
         esp::store16(yp + r * dim + d, _mm512_mul_ps(_mm512_mul_ps(esp::load16(xr + d, dim - d), vinv),
@@ -35,11 +32,7 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
 }
 
 template <class T>
-void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& y) {
-  const int64_t rows = gate_up.size(0), width = y.size(1);
-  const int64_t stride = gate_up.stride(0);
-  const T* gp = gate_up.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+void silu_mul_impl(const T* gp, int64_t stride, int64_t rows, int64_t width, T* yp) {
   at::parallel_for(0, rows, 4, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* g = gp + r * stride;
@@ -62,10 +55,12 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& weight, d
   TORCH_CHECK(weight.scalar_type() == x_in.scalar_type(), "x and weight of one dtype");
   const torch::Tensor x = x_in.contiguous(), w = weight.contiguous();
   torch::Tensor y = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16) rms_norm_impl<at::BFloat16>(x, w, eps, y);
-  else {
+  if (x.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    esp::rms_norm_rows(x.data_ptr<T>(), w.data_ptr<T>(), x.size(0), x.size(1), (float)eps, y.data_ptr<T>());
+  } else {
     TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
-    rms_norm_impl<float>(x, w, eps, y);
+    esp::rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), x.size(1), (float)eps, y.data_ptr<float>());
   }
   return y;
 }
@@ -75,10 +70,27 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up_in) {
   TORCH_CHECK(gate_up_in.dim() == 2 && gate_up_in.size(1) % 2 == 0, "gate_up [M, 2I]");
   const torch::Tensor gate_up = gate_up_in.stride(1) == 1 ? gate_up_in : gate_up_in.contiguous();
   torch::Tensor y = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  if (gate_up.scalar_type() == torch::kBFloat16) silu_mul_impl<at::BFloat16>(gate_up, y);
-  else {
+  const int64_t stride = gate_up.stride(0), rows = y.size(0), width = y.size(1);
+  if (gate_up.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    esp::silu_mul_rows(gate_up.data_ptr<T>(), stride, rows, width, y.data_ptr<T>());
+  } else {
     TORCH_CHECK(gate_up.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
-    silu_mul_impl<float>(gate_up, y);
+    esp::silu_mul_rows(gate_up.data_ptr<float>(), stride, rows, width, y.data_ptr<float>());
   }
   return y;
+}
+
+void esp::rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y) {
+  rms_norm_impl<float>(x, w, rows, dim, eps, y);
+}
+void esp::rms_norm_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t rows, int64_t dim, float eps,
+                        at::BFloat16* y) {
+  rms_norm_impl<at::BFloat16>(x, w, rows, dim, eps, y);
+}
+void esp::silu_mul_rows(const float* gate_up, int64_t stride, int64_t rows, int64_t width, float* y) {
+  silu_mul_impl<float>(gate_up, stride, rows, width, y);
+}
+void esp::silu_mul_rows(const at::BFloat16* gate_up, int64_t stride, int64_t rows, int64_t width, at::BFloat16* y) {
+  silu_mul_impl<at::BFloat16>(gate_up, stride, rows, width, y);
 }

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "ops_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
@@ -100,6 +101,16 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
 }
 
 template <class T>
+void linear_raw(const typename T::scalar* xp, int64_t rows, const typename T::scalar* wp, int64_t nblocks,
+                int64_t steps, int64_t n_out, const float* bp, typename T::scalar* yp) {
+  const Problem p{rows, n_out, steps * T::kPerLane, steps, steps * kLanes * T::kPerLane};
+  // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
+  at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
+    run_blocks<T>(p, xp, wp, yp, bp, first, last);
+  });
+}
+
+template <class T>
 torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n_out,
                           const c10::optional<torch::Tensor>& bias) {
   using S = typename T::scalar;
@@ -111,15 +122,8 @@ torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed
   torch::Tensor y = torch::empty({rows, n_out}, x.options());
   torch::Tensor b;
   if (bias.has_value()) b = torch::constant_pad_nd(bias->to(torch::kFloat), {0, nblocks * kLanes - n_out});
-  const S* xp = x.data_ptr<S>();
-  const S* wp = packed.data_ptr<S>();
-  S* yp = y.data_ptr<S>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const Problem p{rows, n_out, k_pad, steps, steps * kLanes * T::kPerLane};
-  // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
-  at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    run_blocks<T>(p, xp, wp, yp, bp, first, last);
-  });
+  linear_raw<T>(x.data_ptr<S>(), rows, packed.data_ptr<S>(), nblocks, steps, n_out,
+                b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<S>());
   return y;
 }
 
@@ -143,4 +147,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   if (x.scalar_type() == torch::kBFloat16) return linear_impl<BF16>(x, packed, n_out, bias);
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
   return linear_impl<F32>(x, packed, n_out, bias);
+}
+
+void esp::linear_rows(const float* x, int64_t rows, const float* packed, int64_t blocks, int64_t steps, int64_t n_out,
+                      const float* bias, float* y) {
+  linear_raw<F32>(x, rows, packed, blocks, steps, n_out, bias, y);
+}
+
+void esp::linear_rows(const at::BFloat16* x, int64_t rows, const at::BFloat16* packed, int64_t blocks, int64_t steps,
+                      int64_t n_out, const float* bias, at::BFloat16* y) {
+  linear_raw<BF16>(x, rows, packed, blocks, steps, n_out, bias, y);
 }

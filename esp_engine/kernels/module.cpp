@@ -8,6 +8,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& keys, const
                         const c10::optional<torch::Tensor>& visible, double scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
+void bind_decoder(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack W [N, K] for `linear`");
@@ -15,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "attention of q [R, H, D] over keys/values [KV, L, D] under visible [R, L]");
   m.def("rms_norm", &rms_norm, "x [M, H] normalised by its root mean square, times weight [H]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of gate_up [M, 2I]");
+  bind_decoder(m);
 }

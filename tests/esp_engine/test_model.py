@@ -6,7 +6,7 @@ import torch
 
 from esp_engine.config import SamplingParams, SpecConfig
 from esp_engine.kv_cache import KVCache
-from tests.conftest import chat_ids
+from tests.conftest import chat_ids, random_architecture
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +57,17 @@ def test_bf16_logits_choose_what_float32_sums_would_and_the_same_in_any_call(smo
     assert logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("head_dim", [16, 32])  # 32: where the CPU kernels run, in one C++ pass
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
-def test_every_architecture_computes_what_transformers_does(architecture):
+def test_every_architecture_computes_what_transformers_does(architecture, head_dim):
     """Qwen2's q/k/v biases and Qwen3's per-head q/k norms go through the same fused pass."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from esp_engine.model import LlamaFamilyModel
 
-    config = AutoConfig.for_model(architecture, vocab_size=96, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random norm weights and biases, so that a dropped one shows
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.5)
+    hf = random_architecture(architecture, head_dim=head_dim)
     assert (architecture == "qwen2") == (hf.model.layers[0].self_attn.q_proj.bias is not None)
     ours = LlamaFamilyModel(hf)
     ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(1))
-    cache = KVCache.standalone(2, 2, 16, 16, torch.float32, "cpu")
+    cache = KVCache.standalone(2, 2, head_dim, 16, torch.float32, "cpu")
     hidden = torch.cat([ours(cache, ours.embed(ids[:7]), torch.arange(7), None),
                         ours(cache, ours.embed(ids[7:]), torch.arange(7, 12), None)])
     with torch.inference_mode():
