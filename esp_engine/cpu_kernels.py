@@ -90,9 +90,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return status().module.pack(weight.contiguous())
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's)."""
-    return status().module.linear(x, packed, out_features, bias)
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+           float_out: bool = False) -> torch.Tensor:
+    """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's), or with `float_out` the float32
+    sums before that rounding."""
+    return status().module.linear(x, packed, out_features, bias, float_out)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,

@@ -136,6 +136,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.row_plan.apply(self.matmul, x)
 
+    def float_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x W^T + b as the float32 sums, not rounded to x's dtype, where the kernel gives them
+        (ours); else None."""
+        if self.backend != "ours" or type(self) is not PackedLinear:
+            return None
+        return cpu_kernels.linear(x.contiguous(), self.packed, self.out_features, self.bias, float_out=True)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel itself, for any number of rows (subclasses for other weight formats replace this)."""
         if self.backend == "ours":
@@ -262,12 +269,17 @@ class LlamaFamilyModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [R, V] of the rows `hidden` [R, hidden].
 
-        Below float32 the head's output is rounded to a few bits, so the top tokens often tie
-        exactly and the slightest change in the hidden state flips which one wins. The tokens
-        that can be the largest (within two units in the last place of the row's maximum) are
-        recomputed with float32 sums, the same for a row in any call, so the greedy choice
-        depends on the hidden state continuously instead of on where rounding falls.
+        Below float32 a head that rounds its output to the dtype leaves a few bits, so the top
+        tokens often tie exactly and the slightest change in the hidden state flips which one
+        wins. Our CPU kernel gives the float32 sums themselves. Elsewhere the tokens that can be
+        the largest (within two units in the last place of the row's maximum) are recomputed
+        with float32 sums, the same for a row in any call. Either way the greedy choice depends
+        on the hidden state continuously instead of on where rounding falls.
         """
+        if hidden.dtype != torch.float32:
+            sums = self.lm_head.float_out(hidden)
+            if sums is not None:
+                return sums
         logits = self.lm_head(hidden).float()
         if hidden.dtype == torch.float32:
             return logits

@@ -24,13 +24,19 @@ constexpr int kLanes = 16;
 // in float32 up to 10 rows: docs/engine.md.)
 constexpr int kBlocks = 4, kRows = 6;
 
+// An output vector stored in the output's dtype: float32 as it is, bf16 rounded to nearest even.
+inline void store_out(float* y, __m512 v, int valid) { esp::store16(y, v, valid); }
+inline void store_out(at::BFloat16* y, __m512 v, int valid) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16((void*)y, esp::first_lanes(valid), h);
+}
+
 struct F32 {
   using scalar = float;
   static constexpr int kPerLane = 1;
   static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
     return _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_castsi512_ps(w), acc);
   }
-  static inline void store(scalar* y, __m512 v, int valid) { esp::store16(y, v, valid); }
 };
 
 struct BF16 {
@@ -40,10 +46,6 @@ struct BF16 {
     int32_t pair;
     std::memcpy(&pair, x + 2 * i, sizeof(pair));
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)w);
-  }
-  static inline void store(scalar* y, __m512 v, int valid) {
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    _mm256_mask_storeu_epi16((void*)y, esp::first_lanes(valid), h);
   }
 };
 
@@ -69,10 +71,10 @@ struct Problem {
   int64_t rows, n_out, k_pad, steps, block_stride;
 };
 
-// The blocks [first, last) of every row, tile by tile.
-template <class T>
-void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::scalar* wp,
-                typename T::scalar* yp, const float* bp, int64_t first, int64_t last) {
+// The blocks [first, last) of every row, tile by tile, into y of dtype O (x's, or float32).
+template <class T, class O>
+void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::scalar* wp, O* yp,
+                const float* bp, int64_t first, int64_t last) {
   __m512 acc[kRows][kBlocks];
   for (int64_t b0 = first; b0 < last; b0 += kBlocks) {
     const int blocks = (int)std::min<int64_t>(kBlocks, last - b0);
@@ -94,36 +96,39 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
           const int64_t n0 = (b0 + j) * kLanes;
           __m512 v = acc[m][j];
           if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n0));
-          T::store(yp + (m0 + m) * p.n_out + n0, v, (int)std::min<int64_t>(kLanes, p.n_out - n0));
+          store_out(yp + (m0 + m) * p.n_out + n0, v, (int)std::min<int64_t>(kLanes, p.n_out - n0));
         }
     }
   }
 }
 
-template <class T>
+template <class T, class O>
 void linear_raw(const typename T::scalar* xp, int64_t rows, const typename T::scalar* wp, int64_t nblocks,
-                int64_t steps, int64_t n_out, const float* bp, typename T::scalar* yp) {
+                int64_t steps, int64_t n_out, const float* bp, O* yp) {
   const Problem p{rows, n_out, steps * T::kPerLane, steps, steps * kLanes * T::kPerLane};
   // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
   at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    run_blocks<T>(p, xp, wp, yp, bp, first, last);
+    run_blocks<T, O>(p, xp, wp, yp, bp, first, last);
   });
 }
 
 template <class T>
 torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n_out,
-                          const c10::optional<torch::Tensor>& bias) {
+                          const c10::optional<torch::Tensor>& bias, bool float_out) {
   using S = typename T::scalar;
   const int64_t rows = x_in.size(0), k_in = x_in.size(1);
   const int64_t nblocks = packed.size(0), steps = packed.size(1);
   const int64_t k_pad = steps * T::kPerLane;
   torch::Tensor x = x_in.contiguous();
   if (k_pad != k_in) x = torch::constant_pad_nd(x, {0, k_pad - k_in});
-  torch::Tensor y = torch::empty({rows, n_out}, x.options());
+  torch::Tensor y = torch::empty({rows, n_out}, float_out ? x.options().dtype(torch::kFloat) : x.options());
   torch::Tensor b;
   if (bias.has_value()) b = torch::constant_pad_nd(bias->to(torch::kFloat), {0, nblocks * kLanes - n_out});
-  linear_raw<T>(x.data_ptr<S>(), rows, packed.data_ptr<S>(), nblocks, steps, n_out,
-                b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<S>());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const S* xp = x.data_ptr<S>();
+  const S* wp = packed.data_ptr<S>();
+  if (float_out) linear_raw<T, float>(xp, rows, wp, nblocks, steps, n_out, bp, y.data_ptr<float>());
+  else linear_raw<T, S>(xp, rows, wp, nblocks, steps, n_out, bp, y.data_ptr<S>());
   return y;
 }
 
@@ -139,22 +144,22 @@ torch::Tensor pack(const torch::Tensor& w) {
 }
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
-                     const c10::optional<torch::Tensor>& bias) {
+                     const c10::optional<torch::Tensor>& bias, bool float_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == packed.scalar_type());
   const int64_t k_pad = packed.size(1) * packed.size(3);
   TORCH_CHECK(packed.dim() == 4 && k_pad >= x.size(1) && k_pad - x.size(1) < packed.size(3),
               "x has ", x.size(1), " columns; the packed weight takes ", k_pad);
-  if (x.scalar_type() == torch::kBFloat16) return linear_impl<BF16>(x, packed, n_out, bias);
+  if (x.scalar_type() == torch::kBFloat16) return linear_impl<BF16>(x, packed, n_out, bias, float_out);
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
-  return linear_impl<F32>(x, packed, n_out, bias);
+  return linear_impl<F32>(x, packed, n_out, bias, float_out);
 }
 
 void esp::linear_rows(const float* x, int64_t rows, const float* packed, int64_t blocks, int64_t steps, int64_t n_out,
                       const float* bias, float* y) {
-  linear_raw<F32>(x, rows, packed, blocks, steps, n_out, bias, y);
+  linear_raw<F32, float>(x, rows, packed, blocks, steps, n_out, bias, y);
 }
 
 void esp::linear_rows(const at::BFloat16* x, int64_t rows, const at::BFloat16* packed, int64_t blocks, int64_t steps,
                       int64_t n_out, const float* bias, at::BFloat16* y) {
-  linear_raw<BF16>(x, rows, packed, blocks, steps, n_out, bias, y);
+  linear_raw<BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, bias, y);
 }

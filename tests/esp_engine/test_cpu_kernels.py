@@ -59,6 +59,22 @@ def test_a_row_gets_the_same_bits_in_any_call_and_with_any_thread_count(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_it_gives_the_float32_sums_that_its_output_rounds(dtype):
+    """What the LM head uses: logits with no rounding to bf16, so its top tokens do not tie."""
+    needs_kernel(dtype)
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(100, 64, generator=gen).to(dtype), torch.randn(100, generator=gen).to(dtype)
+    packed = cpu_kernels.pack(w)
+    x = torch.randn(9, 64, generator=gen).to(dtype)
+    sums = cpu_kernels.linear(x, packed, 100, b, float_out=True)
+    assert sums.dtype == torch.float32
+    assert torch.equal(sums.to(dtype), cpu_kernels.linear(x, packed, 100, b))
+    assert torch.equal(sums[4:5], cpu_kernels.linear(x[4:5], packed, 100, b, float_out=True))
+    torch.testing.assert_close(sums.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_runs_on_it_where_it_can_and_says_so(dtype):
     needs_kernel(dtype)
     w, b = torch.randn(48, 32).to(dtype), torch.randn(48).to(dtype)
