@@ -85,16 +85,23 @@ def supports_attention(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in _DTYPES and head_dim % 16 == 0 and head_dim <= 256 and status().module is not None
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] in the kernel's layout (a new tensor; W is not kept)."""
-    return status().module.pack(weight.contiguous())
+def pack(weight: torch.Tensor, activations: torch.dtype | None = None) -> torch.Tensor:
+    """W [N, K] in the kernel's layout (a new tensor; W is not kept). int8 weights are packed for
+    the `activations` dtype they will multiply (float weights: their own)."""
+    per_lane = 0 if activations is None else (2 if activations == torch.bfloat16 else 1)
+    return status().module.pack(weight.contiguous(), per_lane)
+
+
+def pad_scales(scales: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Per-output scales of int8 weights as `linear` takes them: float32, padded to the blocks."""
+    return torch.nn.functional.pad(scales.float(), (0, packed.shape[0] * 16 - scales.numel())).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
-           float_out: bool = False) -> torch.Tensor:
+           float_out: bool = False, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's), or with `float_out` the float32
-    sums before that rounding."""
-    return status().module.linear(x, packed, out_features, bias, float_out)
+    sums before that rounding. int8 weights (W = q * scale per output) take `scales` (`pad_scales`)."""
+    return status().module.linear(x, packed, out_features, bias, float_out, scales)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,

@@ -136,6 +136,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.row_plan.apply(self.matmul, x)
 
+    def kernel_spec(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """(packed weight, int8 scales or None, bias or None) where our CPU kernel computes this
+        linear, for `cpu_kernels.CpuDecoder`; else None."""
+        if self.backend != "ours":
+            return None
+        return self.packed, None, None if self.bias is None else self.bias.data
+
     def float_out(self, x: torch.Tensor) -> torch.Tensor | None:
         """x W^T + b as the float32 sums, not rounded to x's dtype, where the kernel gives them
         (ours); else None."""
@@ -175,13 +182,13 @@ _UNBUILT = object()
 
 def _build_cpu_decoder(model: "LlamaFamilyModel"):
     """`cpu_kernels.CpuDecoder` over the model's layers, or None where a layer needs something it
-    does not run: a linear off our kernel (oneDNN, quantized), per-head q/k norms (Qwen3), norms
+    does not run: a linear off our kernel (oneDNN, int4), per-head q/k norms (Qwen3), norms
     or SiLU on torch ops, attention the kernel does not take, norms of different epsilons."""
     shape, layers = model.shape, list(model.layers)
     if model.device.type != "cpu" or shape.head_dim % 32 or not cpu_kernels.supports_attention(model.dtype, shape.head_dim):
         return None
-    linears = [lin for layer in layers for lin in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
-    if not all(type(lin) is PackedLinear and lin.backend == "ours" for lin in linears):
+    specs = [[getattr(layer, name).kernel_spec() for layer in layers] for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+    if any(spec is None for group in specs for spec in group):
         return None
     norms = [n for layer in layers for n in (layer.input_norm, layer.post_norm)]
     if any(layer.q_norm is not None or not layer.silu_mul_kernel for layer in layers):
@@ -191,17 +198,10 @@ def _build_cpu_decoder(model: "LlamaFamilyModel"):
     if model.rope_cos.dtype != model.dtype:
         return None
 
-    def bias(lin: PackedLinear):
-        return None if lin.bias is None else lin.bias.data
-
     return cpu_kernels.status().module.CpuDecoder(
         shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, layers[0].intermediate, norms[0].eps,
         model.scale, model.rope_cos, model.rope_sin_signed,
-        [layer.input_norm.weight.data for layer in layers], [layer.post_norm.weight.data for layer in layers],
-        [layer.wqkv.packed for layer in layers], [bias(layer.wqkv) for layer in layers],
-        [layer.wo.packed for layer in layers], [bias(layer.wo) for layer in layers],
-        [layer.w_gate_up.packed for layer in layers], [bias(layer.w_gate_up) for layer in layers],
-        [layer.w_down.packed for layer in layers], [bias(layer.w_down) for layer in layers])
+        [layer.input_norm.weight.data for layer in layers], [layer.post_norm.weight.data for layer in layers], *specs)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

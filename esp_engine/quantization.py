@@ -1,22 +1,26 @@
 """Weight-only quantization: int8 or int4 weights, activations in the model's dtype.
 
 `quantize_model(model, "int8" | "int4")` replaces the layer linears of a `LlamaFamilyModel`
-(wqkv, wo, w_gate_up, w_down) with the classes below; the LM head stays unquantized unless asked
-(`lm_head=True`, then int8 for either method), and embeddings, norms, RoPE tables and the KV cache
-keep the model's dtype. Each class is a `PackedLinear` that replaces only construction and
-`matmul(x)`, so `forward` still applies the layer's `RowPlan`.
+(wqkv, wo, w_gate_up, w_down) with the classes below, and the LM head with int8 for either
+method where our CPU kernel computes int8 (`quantize_lm_head_by_default`; `lm_head` overrides).
+Embeddings, norms, RoPE tables and the KV cache keep the model's dtype. Each class is a
+`PackedLinear` that replaces only construction and `matmul(x)`, so `forward` still applies the
+layer's `RowPlan`.
 
-  int8  one symmetric scale per output channel: w = q * s, q in [-127, 127]; torch's
+  int8  one symmetric scale per output channel: w = q * s, q in [-127, 127]. Where the CPU
+        kernels run (`cpu_kernels`: AVX512, float32 or bf16 activations) ours computes it: q is
+        widened to the activations' dtype in registers (exactly: |q| <= 127), summed like the
+        unquantized kernel's weights, and each output's sum multiplied by s. Elsewhere torch's
         `_weight_int8pack_mm` (x, q [N, K] int8, s [N] in x's dtype).
   int4  asymmetric groups of `INT4_GROUP_SIZE` weights along K: w = (q - 8) * s + z, q in
         [0, 15]; torch's `_convert_weight_to_int4pack_for_cpu` packs q two to a byte and
         `_weight_int4pack_mm_for_cpu` multiplies (s and z in x's dtype, [K/g, N, 2]).
 
-Both kernels are CPU kernels that compute every output element of a call on its own, one
-sum over K in a fixed order: a row's result is the same whatever the call's row count (the
-tests check 1 to 130 rows), so speculative decoding stays lossless. On x86 only bfloat16
-activations are vectorized (AVX2/AVX512); float32 and float16 run the kernels' scalar loops,
-correct but slower than the unquantized model (docs/benchmarks.md has the numbers).
+Every one of these kernels computes each output element of a call on its own, one sum over K
+in a fixed order: a row's result is the same whatever the call's row count (the tests check 1
+to 130 rows), so speculative decoding stays lossless. torch's kernels vectorize only bfloat16
+activations on x86 (AVX2/AVX512); with float32 or float16 they run scalar loops, correct but
+slower than the unquantized model (docs/benchmarks.md has the numbers).
 
 Shapes the kernels cannot take stay unquantized (logged): int8 needs K divisible by 16 (the
 bfloat16 kernel reads 16 values at a time and silently reads past a shorter row), int4 needs
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .config import QUANTIZATION_METHODS
 from .errors import ModelLoadError
 from .model import LlamaFamilyModel, PackedLinear
@@ -42,10 +47,12 @@ METHODS = QUANTIZATION_METHODS
 INT4_GROUP_SIZE = 32  # the kernel takes 32, 64, 128 or 256; 32 divides every K of the models we run
 _CHUNK_ROWS = 4096  # output channels quantized at a time (a multiple of 64, see Int4Linear)
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The LM head stays unquantized by default: in bf16 an int8 head saves no time at one row, costs
-# more per pass at the 10-32 rows speculation verifies, and agrees less often with the unquantized
-# model; what it saves is memory. `scripts/quant_quality.py` measures all three.
-QUANTIZE_LM_HEAD = False
+# The LM head is quantized (int8) where our CPU kernel computes int8: there it streams half the
+# bytes at any row count. Elsewhere (torch's int8 kernel) an int8 head saves no time at one row and
+# costs more at the 10-32 rows speculation verifies, so it stays in the model's dtype.
+# `scripts/quant_quality.py` measures agreement both ways.
+def quantize_lm_head_by_default(dtype: torch.dtype) -> bool:
+    return cpu_kernels.supports_linear(dtype)
 
 
 class _QuantizedLinear(PackedLinear):
@@ -104,12 +111,35 @@ class Int8Linear(_QuantizedLinear):
             q[start : start + _CHUNK_ROWS] = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
+        if weight.device.type == "cpu" and cpu_kernels.supports_linear(dtype):
+            # Our kernel widens q to the activations' dtype in registers: half the bytes of bf16
+            # weights streamed, at the arithmetic rate of the unquantized kernel.
+            self.packed = cpu_kernels.pack(q, activations=dtype)
+            self.kernel_scales = cpu_kernels.pad_scales(scales, self.packed)
+            self.backend = "ours"
 
     @staticmethod
     def fits(out_features: int, in_features: int) -> bool:
         return in_features % 16 == 0
 
+    def kind(self) -> str:
+        return super().kind()[:-1] + f", {self.backend}]"
+
+    def kernel_spec(self):
+        if self.backend != "ours":
+            return None
+        return self.packed, self.kernel_scales, None if self.bias is None else self.bias.data
+
+    def float_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.backend != "ours":
+            return None
+        return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias, float_out=True,
+                                  scales=self.kernel_scales)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "ours":
+            return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias,
+                                      scales=self.kernel_scales)
         y = torch.ops.aten._weight_int8pack_mm(self._check(x), self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
@@ -210,12 +240,15 @@ def check_supported(method: str, device: str | torch.device, dtype: torch.dtype)
         raise ModelLoadError(f"--quantization {method} needs float32, bfloat16 or float16 activations, not {dtype}")
 
 
-def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool = QUANTIZE_LM_HEAD) -> QuantizationReport:
+def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool | None = None) -> QuantizationReport:
     """Replace the model's linears by `method`'s quantized ones, in place; activations stay in
-    the model's dtype. Call before the row-invariance probe, which must see the final kernels."""
+    the model's dtype. The LM head too (int8) if `lm_head`, by default where our CPU kernel
+    computes int8. Call before the row-invariance probe, which must see the final kernels."""
     check_supported(method, model.device, model.dtype)
     if method == "none":
         return QuantizationReport(method, (), (), 0, 0)
+    if lm_head is None:
+        lm_head = model.device.type == "cpu" and quantize_lm_head_by_default(model.dtype)
     targets = [(f"layers.{i}.{name}", layer, name, _CLASSES[method]) for i, layer in enumerate(model.layers)
                for name in ("wqkv", "wo", "w_gate_up", "w_down")]
     if lm_head:

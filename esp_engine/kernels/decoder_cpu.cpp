@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <tuple>
 #include <vector>
 
 #include "ops_cpu.h"
@@ -28,26 +29,37 @@ inline __m512 as_stored(__m512 v, at::BFloat16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(esp::to_bf16(v)), 16));
 }
 
-// A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack), and its bias in float32 padded
-// to the blocks' width, or none.
+// A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack) of the pass's dtype, or int8
+// with one float32 scale per output; and its bias in float32; both padded to the blocks' width.
+using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>;
+
 struct Linear {
-  torch::Tensor packed, bias;
-  int64_t n_out = 0, k = 0;
+  torch::Tensor packed, scales, bias;
+  int64_t n_out = 0;
 
   Linear() = default;
-  Linear(const torch::Tensor& w, const c10::optional<torch::Tensor>& b, int64_t n, int64_t k_expected)
-      : packed(w), n_out(n), k(k_expected) {
-    TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(0) * kLanes >= n,
+  Linear(const LinearSpec& spec, c10::ScalarType dtype, int64_t n, int64_t k) : packed(std::get<0>(spec)), n_out(n) {
+    const auto& [w, s, b] = spec;
+    const bool int8 = w.scalar_type() == torch::kChar;
+    TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(0) * kLanes >= n && w.device().is_cpu(),
                 "a weight packed by cpu_kernels.pack, of at least ", n, " outputs");
-    TORCH_CHECK(w.size(1) * w.size(3) == k_expected, "the packed weight takes ", w.size(1) * w.size(3),
-                " inputs; the layer gives it ", k_expected);
-    if (b.has_value()) bias = torch::constant_pad_nd(b->to(torch::kFloat), {0, w.size(0) * kLanes - n}).contiguous();
+    TORCH_CHECK(w.scalar_type() == dtype || int8, "weights of the pass's dtype, or int8");
+    TORCH_CHECK(w.size(3) == (dtype == torch::kBFloat16 ? 2 : 1), "weights packed for the pass's dtype");
+    TORCH_CHECK(w.size(1) * w.size(3) == k, "the packed weight takes ", w.size(1) * w.size(3), " inputs; the layer gives it ", k);
+    TORCH_CHECK(int8 == s.has_value(), "int8 weights take their scales, and only they");
+    const int64_t width = w.size(0) * kLanes;
+    if (s.has_value()) scales = torch::constant_pad_nd(s->to(torch::kFloat), {0, width - s->numel()}).contiguous();
+    if (b.has_value()) bias = torch::constant_pad_nd(b->to(torch::kFloat), {0, width - n}).contiguous();
   }
 
   template <class T>
   void operator()(const T* x, int64_t rows, T* y) const {
-    esp::linear_rows(x, rows, packed.data_ptr<T>(), packed.size(0), packed.size(1), n_out,
-                     bias.defined() ? bias.data_ptr<float>() : nullptr, y);
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (scales.defined())
+      esp::linear_rows(x, rows, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1), n_out,
+                       scales.data_ptr<float>(), bp, y);
+    else
+      esp::linear_rows(x, rows, packed.data_ptr<T>(), packed.size(0), packed.size(1), n_out, bp, y);
   }
 };
 
@@ -69,11 +81,8 @@ class CpuDecoder {
  public:
   CpuDecoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
              double scale, torch::Tensor rope_cos, torch::Tensor rope_sin_signed, std::vector<torch::Tensor> input_norms,
-             std::vector<torch::Tensor> post_norms, std::vector<torch::Tensor> qkv,
-             std::vector<c10::optional<torch::Tensor>> qkv_bias, std::vector<torch::Tensor> o,
-             std::vector<c10::optional<torch::Tensor>> o_bias, std::vector<torch::Tensor> gate_up,
-             std::vector<c10::optional<torch::Tensor>> gate_up_bias, std::vector<torch::Tensor> down,
-             std::vector<c10::optional<torch::Tensor>> down_bias)
+             std::vector<torch::Tensor> post_norms, std::vector<LinearSpec> qkv, std::vector<LinearSpec> o,
+             std::vector<LinearSpec> gate_up, std::vector<LinearSpec> down)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), dim_(head_dim), intermediate_(intermediate),
         eps_((float)eps), scale_((float)scale), cos_(rope_cos.contiguous()), sin_(rope_sin_signed.contiguous()) {
     TORCH_CHECK(head_dim % (2 * kLanes) == 0 && head_dim <= 256, "head dim must be a multiple of 32, at most 256");
@@ -83,19 +92,17 @@ class CpuDecoder {
     TORCH_CHECK(cos_.dim() == 2 && cos_.size(1) == head_dim && sin_.sizes() == cos_.sizes() &&
                 sin_.scalar_type() == dtype_, "RoPE tables [positions, head_dim]");
     const size_t n = input_norms.size();
-    TORCH_CHECK(post_norms.size() == n && qkv.size() == n && qkv_bias.size() == n && o.size() == n &&
-                o_bias.size() == n && gate_up.size() == n && gate_up_bias.size() == n && down.size() == n &&
-                down_bias.size() == n, "one of each weight per layer");
+    TORCH_CHECK(post_norms.size() == n && qkv.size() == n && o.size() == n && gate_up.size() == n && down.size() == n,
+                "one of each weight per layer");
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     for (size_t i = 0; i < n; ++i) {
-      for (const auto* t : {&input_norms[i], &post_norms[i], &qkv[i], &o[i], &gate_up[i], &down[i]})
-        TORCH_CHECK(t->scalar_type() == dtype_ && t->device().is_cpu(), "every weight of the pass's dtype, on the CPU");
-      TORCH_CHECK(input_norms[i].numel() == hidden && post_norms[i].numel() == hidden, "norm weights [hidden]");
+      for (const auto* t : {&input_norms[i], &post_norms[i]})
+        TORCH_CHECK(t->scalar_type() == dtype_ && t->device().is_cpu() && t->numel() == hidden,
+                    "norm weights [hidden] of the pass's dtype, on the CPU");
       layers_.push_back({input_norms[i].contiguous(), post_norms[i].contiguous(),
-                         Linear(qkv[i], qkv_bias[i], q_size + 2 * kv_size, hidden),
-                         Linear(o[i], o_bias[i], hidden, q_size),
-                         Linear(gate_up[i], gate_up_bias[i], 2 * intermediate, hidden),
-                         Linear(down[i], down_bias[i], hidden, intermediate)});
+                         Linear(qkv[i], dtype_, q_size + 2 * kv_size, hidden), Linear(o[i], dtype_, hidden, q_size),
+                         Linear(gate_up[i], dtype_, 2 * intermediate, hidden),
+                         Linear(down[i], dtype_, hidden, intermediate)});
     }
   }
 
@@ -246,11 +253,8 @@ class CpuDecoder {
 void bind_decoder(pybind11::module& m) {
   pybind11::class_<CpuDecoder>(m, "CpuDecoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor,
-                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>,
-                          std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>,
-                          std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>,
-                          std::vector<c10::optional<torch::Tensor>>>())
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<LinearSpec>,
+                          std::vector<LinearSpec>, std::vector<LinearSpec>, std::vector<LinearSpec>>())
       .def("forward", &CpuDecoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the layers over rows x at positions, keys/values stored into each sequence's cache");
 }

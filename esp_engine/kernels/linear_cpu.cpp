@@ -31,9 +31,13 @@ inline void store_out(at::BFloat16* y, __m512 v, int valid) {
   _mm256_mask_storeu_epi16((void*)y, esp::first_lanes(valid), h);
 }
 
+// T: x's scalar, the weights' (`weight`), how many k a lane holds, how a weight vector is loaded
+// (widened to x's type for int8 weights) and one multiply-add step.
 struct F32 {
   using scalar = float;
+  using weight = float;
   static constexpr int kPerLane = 1;
+  static inline __m512i load(const weight* p) { return _mm512_loadu_si512((const void*)p); }
   static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
     return _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_castsi512_ps(w), acc);
   }
@@ -41,7 +45,9 @@ struct F32 {
 
 struct BF16 {
   using scalar = at::BFloat16;
+  using weight = at::BFloat16;
   static constexpr int kPerLane = 2;
+  static inline __m512i load(const weight* p) { return _mm512_loadu_si512((const void*)p); }
   static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
     int32_t pair;
     std::memcpy(&pair, x + 2 * i, sizeof(pair));
@@ -49,9 +55,28 @@ struct BF16 {
   }
 };
 
+// 16 int8 weights as float32 (exact).
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+// int8 weights (w = q * scale, the scale applied to the sums): each weight vector is widened to
+// x's type once per step of a tile and used for all its rows. Integers up to 127 are exact in
+// float32 and in bf16, so the products are those of the float weights q.
+struct I8F32 : F32 {
+  using weight = int8_t;
+  static inline __m512i load(const weight* p) { return _mm512_castps_si512(widen16(p)); }
+};
+
+struct I8BF16 : BF16 {
+  using weight = int8_t;
+  // 16 lanes of (k, k + 1) pairs: 32 bytes widened in order, packed two float32 vectors to one of bf16.
+  static inline __m512i load(const weight* p) { return (__m512i)_mm512_cvtne2ps_pbh(widen16(p + 16), widen16(p)); }
+};
+
 // Accumulators of `blocks` consecutive 16-output blocks for up to `max_rows` rows of x.
 template <class T, int blocks, int max_rows>
-inline void tile(const typename T::scalar* x, int64_t ldx, int rows, const typename T::scalar* w,
+inline void tile(const typename T::scalar* x, int64_t ldx, int rows, const typename T::weight* w,
                  int64_t block_stride, int64_t steps, __m512 (&acc)[max_rows][blocks]) {
   for (int m = 0; m < max_rows; ++m)
     for (int j = 0; j < blocks; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -59,7 +84,7 @@ inline void tile(const typename T::scalar* x, int64_t ldx, int rows, const typen
   for (int64_t i = 0; i < steps; ++i) {
     __m512i wv[blocks];
     for (int j = 0; j < blocks; ++j)
-      wv[j] = _mm512_loadu_si512((const void*)(w + j * block_stride + i * vector_elems));
+      wv[j] = T::load(w + j * block_stride + i * vector_elems);
     for (int m = 0; m < max_rows; ++m) {
       if (m >= rows) break;
       for (int j = 0; j < blocks; ++j) acc[m][j] = T::step(acc[m][j], x + m * ldx, i, wv[j]);
@@ -71,10 +96,11 @@ struct Problem {
   int64_t rows, n_out, k_pad, steps, block_stride;
 };
 
-// The blocks [first, last) of every row, tile by tile, into y of dtype O (x's, or float32).
+// The blocks [first, last) of every row, tile by tile, into y of dtype O (x's, or float32); sums
+// times the output's scale (int8 weights; else sp is null), plus its bias (or bp null).
 template <class T, class O>
-void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::scalar* wp, O* yp,
-                const float* bp, int64_t first, int64_t last) {
+void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::weight* wp, O* yp,
+                const float* sp, const float* bp, int64_t first, int64_t last) {
   __m512 acc[kRows][kBlocks];
   for (int64_t b0 = first; b0 < last; b0 += kBlocks) {
     const int blocks = (int)std::min<int64_t>(kBlocks, last - b0);
@@ -95,6 +121,8 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
         for (int j = 0; j < blocks; ++j) {
           const int64_t n0 = (b0 + j) * kLanes;
           __m512 v = acc[m][j];
+          // The rounding form is never fused with the bias add: scale, then bias, each rounded.
+          if (sp) v = _mm512_mul_round_ps(v, _mm512_loadu_ps(sp + n0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n0));
           store_out(yp + (m0 + m) * p.n_out + n0, v, (int)std::min<int64_t>(kLanes, p.n_out - n0));
         }
@@ -103,18 +131,20 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
 }
 
 template <class T, class O>
-void linear_raw(const typename T::scalar* xp, int64_t rows, const typename T::scalar* wp, int64_t nblocks,
-                int64_t steps, int64_t n_out, const float* bp, O* yp) {
+void linear_raw(const typename T::scalar* xp, int64_t rows, const typename T::weight* wp, int64_t nblocks,
+                int64_t steps, int64_t n_out, const float* sp, const float* bp, O* yp) {
   const Problem p{rows, n_out, steps * T::kPerLane, steps, steps * kLanes * T::kPerLane};
   // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
   at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    run_blocks<T, O>(p, xp, wp, yp, bp, first, last);
+    run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);
   });
 }
 
 template <class T>
 torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n_out,
-                          const c10::optional<torch::Tensor>& bias, bool float_out) {
+                          const c10::optional<torch::Tensor>& bias, bool float_out,
+                          const c10::optional<torch::Tensor>& scales) {
+  using W = typename T::weight;
   using S = typename T::scalar;
   const int64_t rows = x_in.size(0), k_in = x_in.size(1);
   const int64_t nblocks = packed.size(0), steps = packed.size(1);
@@ -125,18 +155,23 @@ torch::Tensor linear_impl(const torch::Tensor& x_in, const torch::Tensor& packed
   torch::Tensor b;
   if (bias.has_value()) b = torch::constant_pad_nd(bias->to(torch::kFloat), {0, nblocks * kLanes - n_out});
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* sp = scales.has_value() ? scales->data_ptr<float>() : nullptr;
   const S* xp = x.data_ptr<S>();
-  const S* wp = packed.data_ptr<S>();
-  if (float_out) linear_raw<T, float>(xp, rows, wp, nblocks, steps, n_out, bp, y.data_ptr<float>());
-  else linear_raw<T, S>(xp, rows, wp, nblocks, steps, n_out, bp, y.data_ptr<S>());
+  const W* wp = packed.data_ptr<W>();
+  if (float_out) linear_raw<T, float>(xp, rows, wp, nblocks, steps, n_out, sp, bp, y.data_ptr<float>());
+  else linear_raw<T, S>(xp, rows, wp, nblocks, steps, n_out, sp, bp, y.data_ptr<S>());
   return y;
 }
 
 }  // namespace
 
-torch::Tensor pack(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16));
-  const int per_lane = w.scalar_type() == torch::kFloat ? 1 : 2;
+torch::Tensor pack(const torch::Tensor& w, int64_t per_lane) {
+  const auto t = w.scalar_type();
+  TORCH_CHECK(w.dim() == 2 && (t == torch::kFloat || t == torch::kBFloat16 || t == torch::kChar),
+              "W [N, K] of float32, bfloat16 or int8");
+  if (per_lane == 0) per_lane = t == torch::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(per_lane == 1 || per_lane == 2, "one k per lane (float32 x) or pairs (bf16 x)");
+  TORCH_CHECK(t == torch::kChar || per_lane == (t == torch::kBFloat16 ? 2 : 1), "float weights pack for their own dtype");
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes, k_pad = (k + per_lane - 1) / per_lane * per_lane;
   torch::Tensor padded = torch::constant_pad_nd(w, {0, k_pad - k, 0, n_pad - n});
@@ -144,22 +179,43 @@ torch::Tensor pack(const torch::Tensor& w) {
 }
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
-                     const c10::optional<torch::Tensor>& bias, bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == packed.scalar_type());
+                     const c10::optional<torch::Tensor>& bias, bool float_out,
+                     const c10::optional<torch::Tensor>& scales) {
+  const bool int8 = packed.scalar_type() == torch::kChar;
+  TORCH_CHECK(x.dim() == 2 && (int8 || x.scalar_type() == packed.scalar_type()), "x [M, K] of the weights' dtype");
   const int64_t k_pad = packed.size(1) * packed.size(3);
   TORCH_CHECK(packed.dim() == 4 && k_pad >= x.size(1) && k_pad - x.size(1) < packed.size(3),
               "x has ", x.size(1), " columns; the packed weight takes ", k_pad);
-  if (x.scalar_type() == torch::kBFloat16) return linear_impl<BF16>(x, packed, n_out, bias, float_out);
+  TORCH_CHECK(int8 == scales.has_value(), "int8 weights take their scales, and only they");
+  if (int8) {
+    TORCH_CHECK(scales->scalar_type() == torch::kFloat && scales->is_contiguous() &&
+                scales->numel() == packed.size(0) * kLanes, "scales: float32, one per output padded to the blocks");
+    TORCH_CHECK(packed.size(3) == (x.scalar_type() == torch::kBFloat16 ? 2 : 1), "int8 weights packed for x's dtype");
+  }
+  if (x.scalar_type() == torch::kBFloat16)
+    return int8 ? linear_impl<I8BF16>(x, packed, n_out, bias, float_out, scales)
+                : linear_impl<BF16>(x, packed, n_out, bias, float_out, scales);
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
-  return linear_impl<F32>(x, packed, n_out, bias, float_out);
+  return int8 ? linear_impl<I8F32>(x, packed, n_out, bias, float_out, scales)
+              : linear_impl<F32>(x, packed, n_out, bias, float_out, scales);
 }
 
 void esp::linear_rows(const float* x, int64_t rows, const float* packed, int64_t blocks, int64_t steps, int64_t n_out,
                       const float* bias, float* y) {
-  linear_raw<F32, float>(x, rows, packed, blocks, steps, n_out, bias, y);
+  linear_raw<F32, float>(x, rows, packed, blocks, steps, n_out, nullptr, bias, y);
 }
 
 void esp::linear_rows(const at::BFloat16* x, int64_t rows, const at::BFloat16* packed, int64_t blocks, int64_t steps,
                       int64_t n_out, const float* bias, at::BFloat16* y) {
-  linear_raw<BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, bias, y);
+  linear_raw<BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, nullptr, bias, y);
+}
+
+void esp::linear_rows(const float* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps, int64_t n_out,
+                      const float* scales, const float* bias, float* y) {
+  linear_raw<I8F32, float>(x, rows, packed, blocks, steps, n_out, scales, bias, y);
+}
+
+void esp::linear_rows(const at::BFloat16* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps,
+                      int64_t n_out, const float* scales, const float* bias, at::BFloat16* y) {
+  linear_raw<I8BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, scales, bias, y);
 }

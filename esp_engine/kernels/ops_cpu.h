@@ -12,6 +12,11 @@ void linear_rows(const float* x, int64_t rows, const float* packed, int64_t bloc
                  const float* bias, float* y);
 void linear_rows(const at::BFloat16* x, int64_t rows, const at::BFloat16* packed, int64_t blocks, int64_t steps,
                  int64_t n_out, const float* bias, at::BFloat16* y);
+// The same with int8 weights, each output's sum times its float32 scale (padded like the bias).
+void linear_rows(const float* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps, int64_t n_out,
+                 const float* scales, const float* bias, float* y);
+void linear_rows(const at::BFloat16* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps,
+                 int64_t n_out, const float* scales, const float* bias, at::BFloat16* y);
 
 // y [rows, dim] = x [rows, dim] / rms(x) * w.
 void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y);

@@ -41,10 +41,12 @@ def passes(model: LlamaFamilyModel, use_decoder: bool) -> list[torch.Tensor]:
     return out + [c.keys[:, :, : c.length] for c in caches] + [c.values[:, :, : c.length] for c in caches]
 
 
+@pytest.mark.parametrize("quantization", ["none", "int8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_it_gives_the_bits_of_the_op_by_op_pass(architecture, dtype):
+def test_it_gives_the_bits_of_the_op_by_op_pass(architecture, dtype, quantization):
     model = tiny(architecture, dtype)
+    quantize_model(model, quantization)
     needs_decoder(model)
     fused, op_by_op = passes(model, True), passes(model, False)
     for i, (a, b) in enumerate(zip(fused, op_by_op)):
@@ -56,10 +58,10 @@ def test_the_model_runs_op_by_op_where_a_layer_is_off_the_kernels():
     needs_decoder(model)
     model.use_cpu_decoder = False
     assert model.cpu_decoder() is None
-    quantized = tiny("llama", torch.float32)
+    quantized = tiny("llama", torch.bfloat16)
     assert quantized.cpu_decoder() is not None
-    quantize_model(quantized, "int8")
-    assert quantized.cpu_decoder() is None  # int8 linears are not our kernel's
+    quantize_model(quantized, "int4")
+    assert quantized.cpu_decoder() is None  # int4 runs torch's kernel
     assert tiny("qwen3", torch.float32).cpu_decoder() is None  # per-head q/k norms
     assert tiny("llama", torch.float32, head_dim=16).cpu_decoder() is None  # RoPE halves of 16 lanes
 

@@ -75,6 +75,29 @@ def test_it_gives_the_float32_sums_that_its_output_rounds(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_weights_give_the_sums_of_the_same_integers_as_float_weights_times_their_scales(dtype):
+    """int8 weights are widened in registers to exactly the float weights q, so a sum over them is
+    the unquantized kernel's sum over q; the output's scale multiplies it once, then the bias."""
+    needs_kernel(dtype)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randint(-127, 128, (100, 96), generator=gen, dtype=torch.int8)
+    scales = torch.rand(100, generator=gen) / 50
+    bias = torch.randn(100, generator=gen).to(dtype)
+    packed = cpu_kernels.pack(q, activations=dtype)
+    padded = cpu_kernels.pad_scales(scales, packed)
+    as_float = cpu_kernels.pack(q.to(dtype))
+    x = torch.randn(9, 96, generator=gen).to(dtype)
+    sums = cpu_kernels.linear(x, as_float, 100, None, float_out=True)
+    got = cpu_kernels.linear(x, packed, 100, None, float_out=True, scales=padded)
+    assert torch.equal(got, sums * scales)
+    with_bias = cpu_kernels.linear(x, packed, 100, bias, scales=padded)
+    assert torch.equal(with_bias, (sums * scales + bias.float()).to(dtype))
+    assert torch.equal(with_bias[3:4], cpu_kernels.linear(x[3:4], packed, 100, bias, scales=padded))
+    with pytest.raises(RuntimeError, match="scales"):
+        cpu_kernels.linear(x, packed, 100, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_runs_on_it_where_it_can_and_says_so(dtype):
     needs_kernel(dtype)
     w, b = torch.randn(48, 32).to(dtype), torch.randn(48).to(dtype)

@@ -24,7 +24,7 @@ from esp_engine.errors import ModelLoadError
 from esp_engine.kv_cache import KVCache
 from esp_engine.loader import load_model
 from esp_engine.model import PackedLinear
-from esp_engine.quantization import Int4Linear, Int8Linear, check_supported, quantize_model
+from esp_engine.quantization import Int4Linear, Int8Linear, check_supported, quantize_lm_head_by_default, quantize_model
 from esp_engine.scheduler import SchedulerConfig
 from tests.conftest import chat_ids, random_llama
 
@@ -208,7 +208,7 @@ def test_every_method_and_preset_equals_plain_decoding_on_a_small_random_model(t
         assert accepted > calls, f"{method}:{preset} never accepted a drafted token"
 
 
-def test_load_model_quantizes_and_reports(smol, tmp_path):
+def test_load_model_quantizes_and_reports(smol, tmp_path, monkeypatch):
     # A small random model saved as a Hugging Face directory, with SmolLM2's tokenizer: load_model's
     # whole path (bf16 weights, quantization, the row-invariance probe) in a second or two.
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -221,17 +221,21 @@ def test_load_model_quantizes_and_reports(smol, tmp_path):
     smol.tokenizer.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), device="cpu", dtype="bfloat16", quantization="int4")
     assert loaded.quantization == "int4" and loaded.dtype == torch.bfloat16
-    assert type(loaded.model.layers[0].w_gate_up) is Int4Linear and type(loaded.model.lm_head) is PackedLinear
+    head = Int8Linear if quantize_lm_head_by_default(torch.bfloat16) else PackedLinear
+    assert type(loaded.model.layers[0].w_gate_up) is Int4Linear and type(loaded.model.lm_head) is head
     out = _engine(loaded).generate(chat_ids(loaded.tokenizer, PROMPT), SamplingParams(max_new_tokens=4),
                                    SpecConfig(method="ar"))
     assert out.num_decode_calls == 3
     assert smol.quantization == "none"
-    # An int8 head in bf16: the near-top logits are summed again in float32 from its dequantized rows.
-    model, dense_head = loaded.model, loaded.model.lm_head
-    model.lm_head = Int8Linear(dense_head.weight.data, None, torch.bfloat16)
+    # An int8 head in bf16 gives float32 logits: our kernel's float32 sums where it runs, else the
+    # near-top logits summed again in float32 from its dequantized rows.
+    model = loaded.model
+    model.lm_head = Int8Linear(model.embed_tokens.weight.data, None, torch.bfloat16)
     hidden = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
-    logits = model.logits(hidden)
     exact = hidden.float() @ model.lm_head.dequantize().T
+    torch.testing.assert_close(model.logits(hidden), exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(model.lm_head, "float_out", lambda x: None)
+    logits = model.logits(hidden)
     top = logits.argmax(-1)
     assert torch.equal(logits[torch.arange(3), top], exact[torch.arange(3), top])
 
