@@ -3,7 +3,8 @@
 - `linear` (`kernels/linear_cpu.cpp`): a decode step on a CPU streams every weight once, so its
   speed is how close the linears come to memory bandwidth. oneDNN's packed kernels stay short of
   it at the one to few rows of decode and verify passes; this kernel packs W so that a vector's
-  lanes are 16 outputs and streams it once for up to six rows of x.
+  lanes are 16 outputs and streams it once for up to six rows of x. W is float32, bf16, or int8
+  with a scale per output (`quantization.Int8Linear`), widened in registers.
 - `attention` (`kernels/attention_cpu.cpp`): each row's attention over the keys it sees, listed
   in slot order, in float32 and a fixed order.
 - `rms_norm` and `silu_mul` (`kernels/elementwise_cpu.cpp`): one call where torch takes several ops.
@@ -167,8 +168,8 @@ def _load() -> KernelStatus:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
     return KernelStatus(module, frozenset(dtypes),
-                        f"ours: attention, norms, SiLU, and linears of {names} weights{bf16_note} "
-                        f"(ready in {took:.1f} s, {build})")
+                        f"ours: the pass in one C++ call, attention, norms, SiLU, and linears of {names} "
+                        f"activations (float or int8 weights){bf16_note} (ready in {took:.1f} s, {build})")
 
 
 def _ninja_dir() -> str | None:
