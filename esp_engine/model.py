@@ -101,6 +101,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = weight.shape
         self.packed: torch.Tensor | None = None
+        self.kernel_scales: torch.Tensor | None = None  # int8 weights' per-output scales, for our kernel
         self.backend = "torch"
         # How calls are shaped so that a row's result does not depend on the call's row count
         # (`row_invariance.probe_model` sets it per weight shape at load).
@@ -141,19 +142,25 @@ class PackedLinear(nn.Module):
         linear, for `cpu_kernels.CpuDecoder`; else None."""
         if self.backend != "ours":
             return None
-        return self.packed, None, None if self.bias is None else self.bias.data
+        return self.packed, self.kernel_scales, None if self.bias is None else self.bias.data
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernels take it (quantized subclasses also check its dtype)."""
+        return x.contiguous()
 
     def float_out(self, x: torch.Tensor) -> torch.Tensor | None:
         """x W^T + b as the float32 sums, not rounded to x's dtype, where the kernel gives them
         (ours); else None."""
-        if self.backend != "ours" or type(self) is not PackedLinear:
+        if self.backend != "ours":
             return None
-        return cpu_kernels.linear(x.contiguous(), self.packed, self.out_features, self.bias, float_out=True)
+        return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias, float_out=True,
+                                  scales=self.kernel_scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel itself, for any number of rows (subclasses for other weight formats replace this)."""
         if self.backend == "ours":
-            return cpu_kernels.linear(x, self.packed, self.out_features, self.bias)
+            return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias,
+                                      scales=self.kernel_scales)
         if self.backend == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -64,7 +64,7 @@ class _QuantizedLinear(PackedLinear):
         nn.Module.__init__(self)  # not PackedLinear's: that would pack the dense weight for oneDNN
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        self.packed, self.backend = None, "torch"
+        self.packed, self.kernel_scales, self.backend = None, None, "torch"
         self.row_plan = RowPlan()
         self._activation_dtype = dtype
 
@@ -125,21 +125,9 @@ class Int8Linear(_QuantizedLinear):
     def kind(self) -> str:
         return super().kind()[:-1] + f", {self.backend}]"
 
-    def kernel_spec(self):
-        if self.backend != "ours":
-            return None
-        return self.packed, self.kernel_scales, None if self.bias is None else self.bias.data
-
-    def float_out(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.backend != "ours":
-            return None
-        return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias, float_out=True,
-                                  scales=self.kernel_scales)
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "ours":
-            return cpu_kernels.linear(self._check(x), self.packed, self.out_features, self.bias,
-                                      scales=self.kernel_scales)
+        if self.backend == "ours":  # PackedLinear's: our kernel, with the scales
+            return super().matmul(x)
         y = torch.ops.aten._weight_int8pack_mm(self._check(x), self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 

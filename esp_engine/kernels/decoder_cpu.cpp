@@ -30,7 +30,8 @@ inline __m512 as_stored(__m512 v, at::BFloat16*) {
 }
 
 // A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack) of the pass's dtype, or int8
-// with one float32 scale per output; and its bias in float32; both padded to the blocks' width.
+// with one float32 scale per output padded to the blocks' width (cpu_kernels.pad_scales); and its
+// bias, kept in float32 padded the same way.
 using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>;
 
 struct Linear {
@@ -48,7 +49,11 @@ struct Linear {
     TORCH_CHECK(w.size(1) * w.size(3) == k, "the packed weight takes ", w.size(1) * w.size(3), " inputs; the layer gives it ", k);
     TORCH_CHECK(int8 == s.has_value(), "int8 weights take their scales, and only they");
     const int64_t width = w.size(0) * kLanes;
-    if (s.has_value()) scales = torch::constant_pad_nd(s->to(torch::kFloat), {0, width - s->numel()}).contiguous();
+    if (s.has_value()) {
+      TORCH_CHECK(s->scalar_type() == torch::kFloat && s->is_contiguous() && s->numel() == width,
+                  "scales: float32, one per output padded to the blocks");
+      scales = *s;
+    }
     if (b.has_value()) bias = torch::constant_pad_nd(b->to(torch::kFloat), {0, width - n}).contiguous();
   }
 
