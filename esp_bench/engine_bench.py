@@ -325,7 +325,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (the default): bfloat16 where the device computes it natively (a GPU, a CPU with "
                         "amx_bf16 or avx512_bf16), else float32; or float32, bfloat16, float16")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
-                   help="weight-only int8/int4 linears (CPU; see esp-serve --help); the hf baseline stays unquantized")
+                   help="int8/int4/w8a8 linears (CPU; see esp-serve --help); the hf baseline stays unquantized")
     p.add_argument("--json", dest="json_path", default=None, help="write the full results here")
     plots.add_plot_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

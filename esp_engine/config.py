@@ -47,7 +47,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 MAX_LOGPROBS = 20  # alternatives per token at most, as in the OpenAI API
 METHODS = ("ar", *_PRESETS)  # "ar" is plain decoding: no presets
 # Weight-only quantization of the linears at load (esp_engine/quantization.py); here, without torch, for CLIs.
-QUANTIZATION_METHODS = ("none", "int8", "int4")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "w8a8")
 PRESETS = ("bc10", "bc30", "bc60")
 
 

@@ -4,7 +4,10 @@
   speed is how close the linears come to memory bandwidth. oneDNN's packed kernels stay short of
   it at the one to few rows of decode and verify passes; this kernel packs W so that a vector's
   lanes are 16 outputs and streams it once for up to six rows of x. W is float32, bf16, or int8
-  with a scale per output (`quantization.Int8Linear`), widened in registers.
+  with a scale per output (`quantization.Int8Linear`), widened in registers. With AVX512-VNNI
+  it also takes W8A8 (`kernels/w8a8_cpu.cpp`, `quantization.W8A8Linear`): those int8 weights
+  times activations quantized to int8 per row and group of `W8A8_GROUP`, in integer dot products
+  of twice bf16's rate.
 - `attention` (`kernels/attention_cpu.cpp`): each row's attention over the keys it sees, listed
   in slot order, in float32 and a fixed order.
 - `rms_norm` and `silu_mul` (`kernels/elementwise_cpu.cpp`): one call where torch takes several ops.
@@ -42,8 +45,8 @@ from .cpu_info import cpu_info
 log = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "attention_cpu.cpp", "elementwise_cpu.cpp",
-                                          "decoder_cpu.cpp", "module.cpp")]
+SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "w8a8_cpu.cpp", "attention_cpu.cpp",
+                                          "elementwise_cpu.cpp", "decoder_cpu.cpp", "module.cpp")]
 HEADERS = [_KERNELS / name for name in ("vec_cpu.h", "ops_cpu.h")]
 ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
@@ -57,9 +60,11 @@ class KernelStatus:
     module: ModuleType | None
     dtypes: frozenset[torch.dtype]  # weight dtypes `linear` runs on this CPU (attention: float32, bf16)
     reason: str  # why it is (not) used, for the log
+    w8a8: bool = False  # whether `linear` takes W8A8 weights here (AVX512-VNNI)
 
 
 _DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes, where it runs at all
+W8A8_GROUP = 32  # activations per int8 scale in W8A8 (kW8A8Group in kernels/ops_cpu.h)
 _FALLBACK = "oneDNN linears, torch ops for the rest"
 _lock = threading.Lock()
 _status: KernelStatus | None = None
@@ -81,6 +86,11 @@ def supports_linear(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES and dtype in status().dtypes
 
 
+def supports_w8a8(dtype: torch.dtype) -> bool:
+    """Whether `linear` takes W8A8 weights (`pack_w8a8`) with activations of `dtype` here."""
+    return dtype in _DTYPES and status().w8a8
+
+
 def supports_attention(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether `attention` takes this dtype and head size here."""
     return dtype in _DTYPES and head_dim % 16 == 0 and head_dim <= 256 and status().module is not None
@@ -93,6 +103,12 @@ def pack(weight: torch.Tensor, activations: torch.dtype | None = None) -> torch.
     return status().module.pack(weight.contiguous(), per_lane)
 
 
+def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [N, K] (w = q * scale per output) as u8 q + 128 in VNNI's layout, K padded to
+    `W8A8_GROUP`, for `linear` with int8 activations."""
+    return status().module.pack_w8a8(q.contiguous())
+
+
 def pad_scales(scales: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Per-output scales of int8 weights as `linear` takes them: float32, padded to the blocks."""
     return torch.nn.functional.pad(scales.float(), (0, packed.shape[0] * 16 - scales.numel())).contiguous()
@@ -101,7 +117,8 @@ def pad_scales(scales: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None,
            float_out: bool = False, scales: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] W^T + bias, [M, out_features], in x's dtype (W's), or with `float_out` the float32
-    sums before that rounding. int8 weights (W = q * scale per output) take `scales` (`pad_scales`)."""
+    sums before that rounding. int8 weights (W = q * scale per output, packed by `pack` or
+    `pack_w8a8`) take `scales` (`pad_scales`)."""
     return status().module.linear(x, packed, out_features, bias, float_out, scales)
 
 
@@ -167,9 +184,12 @@ def _load() -> KernelStatus:
     finally:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
+    w8a8 = "avx512_vnni" in flags
     return KernelStatus(module, frozenset(dtypes),
                         f"ours: the pass in one C++ call, attention, norms, SiLU, and linears of {names} "
-                        f"activations (float or int8 weights){bf16_note} (ready in {took:.1f} s, {build})")
+                        f"activations (float or int8 weights){bf16_note}; W8A8 "
+                        f"{'with' if w8a8 else 'not available: no'} AVX512-VNNI (ready in {took:.1f} s, {build})",
+                        w8a8)
 
 
 def _ninja_dir() -> str | None:

@@ -1,8 +1,9 @@
-"""Weight-only quantization: int8 or int4 weights, activations in the model's dtype.
+"""Quantization: int8 or int4 weights with activations in the model's dtype, or int8 weights
+times int8 activations (W8A8).
 
-`quantize_model(model, "int8" | "int4")` replaces the layer linears of a `LlamaFamilyModel`
-(wqkv, wo, w_gate_up, w_down) with the classes below, and the LM head with int8 for either
-method where our CPU kernel computes int8 (`quantize_lm_head_by_default`; `lm_head` overrides).
+`quantize_model(model, "int8" | "int4" | "w8a8")` replaces the layer linears of a `LlamaFamilyModel`
+(wqkv, wo, w_gate_up, w_down) with the classes below, and the LM head with int8 (W8A8 for w8a8)
+where our CPU kernel computes it (`quantize_lm_head_by_default`; `lm_head` overrides).
 Embeddings, norms, RoPE tables and the KV cache keep the model's dtype. Each class is a
 `PackedLinear` that replaces only construction and `matmul(x)`, so `forward` still applies the
 layer's `RowPlan`.
@@ -12,6 +13,11 @@ layer's `RowPlan`.
         widened to the activations' dtype in registers (exactly: |q| <= 127), summed like the
         unquantized kernel's weights, and each output's sum multiplied by s. Elsewhere torch's
         `_weight_int8pack_mm` (x, q [N, K] int8, s [N] in x's dtype).
+  w8a8  int8's q and s, and every linear's input quantized to int8 per row in groups of 32
+        values along K (a scale each), in AVX512-VNNI's integer dot products: only on our
+        kernels (`cpu_kernels.supports_w8a8`). The head is W8A8 too. Activation rounding makes
+        its outputs differ from x W^T, by about what int8 weights alone differ from the
+        unquantized model (docs/benchmarks.md); a row's result still depends on that row alone.
   int4  asymmetric groups of `INT4_GROUP_SIZE` weights along K: w = (q - 8) * s + z, q in
         [0, 15]; torch's `_convert_weight_to_int4pack_for_cpu` packs q two to a byte and
         `_weight_int4pack_mm_for_cpu` multiplies (s and z in x's dtype, [K/g, N, 2]).
@@ -51,8 +57,8 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # bytes at any row count. Elsewhere (torch's int8 kernel) an int8 head saves no time at one row and
 # costs more at the 10-32 rows speculation verifies, so it stays in the model's dtype.
 # `scripts/quant_quality.py` measures agreement both ways.
-def quantize_lm_head_by_default(dtype: torch.dtype) -> bool:
-    return cpu_kernels.supports_linear(dtype)
+def quantize_lm_head_by_default(dtype: torch.dtype, method: str = "int8") -> bool:
+    return method == "w8a8" or cpu_kernels.supports_linear(dtype)
 
 
 class _QuantizedLinear(PackedLinear):
@@ -111,11 +117,14 @@ class Int8Linear(_QuantizedLinear):
             q[start : start + _CHUNK_ROWS] = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
-        if weight.device.type == "cpu" and cpu_kernels.supports_linear(dtype):
+        self._pack(weight.device, dtype)
+
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
+        if device.type == "cpu" and cpu_kernels.supports_linear(dtype):
             # Our kernel widens q to the activations' dtype in registers: half the bytes of bf16
             # weights streamed, at the arithmetic rate of the unquantized kernel.
-            self.packed = cpu_kernels.pack(q, activations=dtype)
-            self.kernel_scales = cpu_kernels.pad_scales(scales, self.packed)
+            self.packed = cpu_kernels.pack(self.weight.data, activations=dtype)
+            self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
             self.backend = "ours"
 
     @staticmethod
@@ -136,6 +145,33 @@ class Int8Linear(_QuantizedLinear):
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
         return self.weight[index].float() * self.scales[index].float()[:, None]
+
+
+class W8A8Linear(Int8Linear):
+    """Int8Linear's q and s times activations quantized to int8 per row, in groups of
+    `cpu_kernels.W8A8_GROUP` along K with a scale each (`kernels/w8a8_cpu.cpp`, AVX512-VNNI):
+    the only one of these methods that also quantizes what the weights multiply, so the only
+    one whose output is not x W^T of its weights. Each output depends on its row of x alone."""
+
+    method = "w8a8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        if weight.device.type != "cpu" or not cpu_kernels.supports_w8a8(dtype):
+            raise ModelLoadError(f"W8A8 needs our CPU kernels with AVX512-VNNI and float32 or bfloat16 "
+                                 f"activations ({cpu_kernels.status().reason})")
+        super().__init__(weight, bias, dtype)
+
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.packed = cpu_kernels.pack_w8a8(self.weight.data)
+        self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
+        self.backend = "ours"
+
+    @staticmethod
+    def fits(out_features: int, in_features: int) -> bool:
+        return True  # the packing pads K to whole groups
+
+    def scheme(self) -> str:
+        return f"w8a8 g{cpu_kernels.W8A8_GROUP}"
 
 
 class Int4Linear(_QuantizedLinear):
@@ -189,11 +225,11 @@ class Int4Linear(_QuantizedLinear):
         return self.dequantize()[index]  # slow: `quantize_model` never makes an int4 head
 
 
-_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
+_CLASSES = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
 # A quantized LM head is int8 for either method, as llama.cpp's Q4_K_M keeps its output matrix at
 # 6 bits: it is where quantization error shows most directly in the logits, and bf16 greedy decoding
 # re-sums near-top logits from float32 rows of W (`model._refine_top`), which int8 gives cheaply.
-_HEAD_CLASSES = {"int8": Int8Linear, "int4": Int8Linear}
+_HEAD_CLASSES = {"int8": Int8Linear, "int4": Int8Linear, "w8a8": W8A8Linear}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +262,9 @@ def check_supported(method: str, device: str | torch.device, dtype: torch.dtype)
             f"the device is {device!r}: use --device cpu or --quantization none")
     if dtype not in ACTIVATION_DTYPES:
         raise ModelLoadError(f"--quantization {method} needs float32, bfloat16 or float16 activations, not {dtype}")
+    if method == "w8a8" and not cpu_kernels.supports_w8a8(dtype):
+        raise ModelLoadError(f"--quantization w8a8 runs on our CPU kernels with AVX512-VNNI, in float32 or bfloat16 "
+                             f"({cpu_kernels.status().reason}); use --quantization int8")
 
 
 def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool | None = None) -> QuantizationReport:
@@ -236,7 +275,7 @@ def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool | None
     if method == "none":
         return QuantizationReport(method, (), (), 0, 0)
     if lm_head is None:
-        lm_head = model.device.type == "cpu" and quantize_lm_head_by_default(model.dtype)
+        lm_head = model.device.type == "cpu" and quantize_lm_head_by_default(model.dtype, method)
     targets = [(f"layers.{i}.{name}", layer, name, _CLASSES[method]) for i, layer in enumerate(model.layers)
                for name in ("wqkv", "wo", "w_gate_up", "w_down")]
     if lm_head:

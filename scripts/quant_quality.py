@@ -30,7 +30,7 @@ from esp_engine.loader import load_model
 from esp_engine.quantization import quantize_model
 
 VARIANTS = {"int8": ("int8", True), "int8-dense-head": ("int8", False), "int4": ("int4", True),
-            "int4-dense-head": ("int4", False)}
+            "int4-dense-head": ("int4", False), "w8a8": ("w8a8", True)}
 
 
 def sequence_logits(model, ids: list[int]) -> torch.Tensor:

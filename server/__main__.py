@@ -43,9 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "amx_bf16 or avx512_bf16), else float32; or float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
-                   help="weight-only quantization of the layers' linears (the LM head stays as it is): none "
-                        "(default), int8 (one scale per output channel) or int4 (groups of 32); CPU only, fast "
-                        "with --dtype bfloat16")
+                   help="quantization of the linears, CPU only: none (default); int8 (weights, one scale per "
+                        "output channel; the LM head too where our kernels run); int4 (weights, groups of 32; "
+                        "int8 head); w8a8 (int8 weights and activations, the activations per group of 32, on "
+                        "CPUs with AVX512-VNNI; the head too)")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + completion tokens")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run decode steps eagerly as they come instead of padded into captured CUDA "

@@ -72,7 +72,7 @@ class ServerSettings:
     method: str = "hybrid"  # the best tau in every Spec-Bench category (docs/benchmarks.md)
     preset: str = "bc30"
     dtype: str | None = None
-    quantization: str = "none"  # weight-only int8/int4 linears (esp_engine/quantization.py)
+    quantization: str = "none"  # int8/int4/w8a8 linears (esp_engine/quantization.py)
     device: str | None = None
     max_model_len: int | None = None
     api_key: str | None = None

@@ -29,25 +29,34 @@ inline __m512 as_stored(__m512 v, at::BFloat16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(esp::to_bf16(v)), 16));
 }
 
-// A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack) of the pass's dtype, or int8
-// with one float32 scale per output padded to the blocks' width (cpu_kernels.pad_scales); and its
-// bias, kept in float32 padded the same way.
+// A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack) of the pass's dtype; or int8
+// with one float32 scale per output padded to the blocks' width (cpu_kernels.pad_scales); or
+// W8A8's u8 weights (cpu_kernels.pack_w8a8) with those scales. And its bias, kept in float32
+// padded the same way.
 using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>;
 
 struct Linear {
   torch::Tensor packed, scales, bias;
-  int64_t n_out = 0;
+  int64_t n_out = 0, k_in = 0;
+  bool w8a8 = false;
 
   Linear() = default;
-  Linear(const LinearSpec& spec, c10::ScalarType dtype, int64_t n, int64_t k) : packed(std::get<0>(spec)), n_out(n) {
+  Linear(const LinearSpec& spec, c10::ScalarType dtype, int64_t n, int64_t k)
+      : packed(std::get<0>(spec)), n_out(n), k_in(k) {
     const auto& [w, s, b] = spec;
     const bool int8 = w.scalar_type() == torch::kChar;
+    w8a8 = w.scalar_type() == torch::kByte;
     TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(0) * kLanes >= n && w.device().is_cpu(),
                 "a weight packed by cpu_kernels.pack, of at least ", n, " outputs");
-    TORCH_CHECK(w.scalar_type() == dtype || int8, "weights of the pass's dtype, or int8");
-    TORCH_CHECK(w.size(3) == (dtype == torch::kBFloat16 ? 2 : 1), "weights packed for the pass's dtype");
-    TORCH_CHECK(w.size(1) * w.size(3) == k, "the packed weight takes ", w.size(1) * w.size(3), " inputs; the layer gives it ", k);
-    TORCH_CHECK(int8 == s.has_value(), "int8 weights take their scales, and only they");
+    TORCH_CHECK(w.scalar_type() == dtype || int8 || w8a8, "weights of the pass's dtype, int8 or W8A8");
+    if (w8a8) {
+      TORCH_CHECK(w.size(3) == 4 && w.size(1) * 4 >= k && w.size(1) * 4 - k < esp::kW8A8Group,
+                  "the W8A8 weight takes ", w.size(1) * 4, " inputs; the layer gives it ", k);
+    } else {
+      TORCH_CHECK(w.size(3) == (dtype == torch::kBFloat16 ? 2 : 1), "weights packed for the pass's dtype");
+      TORCH_CHECK(w.size(1) * w.size(3) == k, "the packed weight takes ", w.size(1) * w.size(3), " inputs; the layer gives it ", k);
+    }
+    TORCH_CHECK((int8 || w8a8) == s.has_value(), "integer weights take their scales, and only they");
     const int64_t width = w.size(0) * kLanes;
     if (s.has_value()) {
       TORCH_CHECK(s->scalar_type() == torch::kFloat && s->is_contiguous() && s->numel() == width,
@@ -60,7 +69,10 @@ struct Linear {
   template <class T>
   void operator()(const T* x, int64_t rows, T* y) const {
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (scales.defined())
+    if (w8a8)
+      esp::linear_rows_w8a8(x, rows, k_in, packed.data_ptr<uint8_t>(), packed.size(0), packed.size(1), n_out,
+                            scales.data_ptr<float>(), bp, y);
+    else if (scales.defined())
       esp::linear_rows(x, rows, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1), n_out,
                        scales.data_ptr<float>(), bp, y);
     else

@@ -178,9 +178,16 @@ torch::Tensor pack(const torch::Tensor& w, int64_t per_lane) {
   return padded.view({n_pad / kLanes, kLanes, k_pad / per_lane, per_lane}).permute({0, 2, 1, 3}).contiguous();
 }
 
+torch::Tensor linear_w8a8(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
+                          const c10::optional<torch::Tensor>& bias, bool float_out, const torch::Tensor& scales);
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
                      const c10::optional<torch::Tensor>& bias, bool float_out,
                      const c10::optional<torch::Tensor>& scales) {
+  if (packed.scalar_type() == torch::kByte) {  // pack_w8a8's: int8 activations too (w8a8_cpu.cpp)
+    TORCH_CHECK(scales.has_value(), "W8A8 weights take their scales");
+    return linear_w8a8(x, packed, n_out, bias, float_out, *scales);
+  }
   const bool int8 = packed.scalar_type() == torch::kChar;
   TORCH_CHECK(x.dim() == 2 && (int8 || x.scalar_type() == packed.scalar_type()), "x [M, K] of the weights' dtype");
   const int64_t k_pad = packed.size(1) * packed.size(3);

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 torch::Tensor pack(const torch::Tensor& w, int64_t per_lane);
+torch::Tensor pack_w8a8(const torch::Tensor& q);
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n_out,
                      const c10::optional<torch::Tensor>& bias, bool float_out,
                      const c10::optional<torch::Tensor>& scales);
@@ -14,6 +15,7 @@ void bind_decoder(pybind11::module& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "pack W [N, K] for `linear` (int8: per_lane 1 for float32 x, 2 for bf16 x)",
         pybind11::arg("w"), pybind11::arg("per_lane") = 0);
+  m.def("pack_w8a8", &pack_w8a8, "pack int8 q [N, K] for `linear` with int8 activations (AVX512-VNNI)");
   m.def("linear", &linear, "x [M, K] times packed W^T (+ bias), N outputs, in x's dtype or float32",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n_out"), pybind11::arg("bias"),
         pybind11::arg("float_out") = false, pybind11::arg("scales") = pybind11::none());

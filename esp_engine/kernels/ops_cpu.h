@@ -18,6 +18,17 @@ void linear_rows(const float* x, int64_t rows, const int8_t* packed, int64_t blo
 void linear_rows(const at::BFloat16* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps,
                  int64_t n_out, const float* scales, const float* bias, at::BFloat16* y);
 
+// W8A8 (w8a8_cpu.cpp, AVX512-VNNI): x [rows, k] quantized to int8 per row and group of
+// kW8A8Group, times u8 weights packed by pack_w8a8 (`blocks` x `steps` vectors of 4 k), each
+// output times its float32 scale (padded like the bias); y in x's dtype or float32.
+constexpr int kW8A8Group = 32;
+void linear_rows_w8a8(const float* x, int64_t rows, int64_t k, const uint8_t* packed, int64_t blocks, int64_t steps,
+                      int64_t n_out, const float* scales, const float* bias, float* y);
+void linear_rows_w8a8(const at::BFloat16* x, int64_t rows, int64_t k, const uint8_t* packed, int64_t blocks,
+                      int64_t steps, int64_t n_out, const float* scales, const float* bias, at::BFloat16* y);
+void linear_rows_w8a8(const at::BFloat16* x, int64_t rows, int64_t k, const uint8_t* packed, int64_t blocks,
+                      int64_t steps, int64_t n_out, const float* scales, const float* bias, float* y);
+
 // y [rows, dim] = x [rows, dim] / rms(x) * w.
 void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y);
 void rms_norm_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t rows, int64_t dim, float eps,

@@ -41,10 +41,12 @@ def passes(model: LlamaFamilyModel, use_decoder: bool) -> list[torch.Tensor]:
     return out + [c.keys[:, :, : c.length] for c in caches] + [c.values[:, :, : c.length] for c in caches]
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "w8a8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_it_gives_the_bits_of_the_op_by_op_pass(architecture, dtype, quantization):
+    if quantization == "w8a8" and not cpu_kernels.supports_w8a8(dtype):
+        pytest.skip(f"no W8A8 kernel here: {cpu_kernels.status().reason}")
     model = tiny(architecture, dtype)
     quantize_model(model, quantization)
     needs_decoder(model)

@@ -50,10 +50,14 @@ def test_a_row_gets_the_same_bits_in_any_call_and_with_any_thread_count(dtype):
         for start in (0, 70 - rows):
             got = cpu_kernels.linear(x[start : start + rows], packed, 1000, b)
             assert torch.equal(got, alone[start : start + rows]), (rows, start)
+    assert torch.equal(on_one_thread(lambda: cpu_kernels.linear(x, packed, 1000, b)), alone)
+
+
+def on_one_thread(call):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(cpu_kernels.linear(x, packed, 1000, b), alone)
+        return call()
     finally:
         torch.set_num_threads(threads)
 
@@ -97,6 +101,87 @@ def test_int8_weights_give_the_sums_of_the_same_integers_as_float_weights_times_
         cpu_kernels.linear(x, packed, 100, None)
 
 
+def needs_w8a8(dtype):
+    if not cpu_kernels.supports_w8a8(dtype):
+        pytest.skip(f"no W8A8 kernel for {dtype} here: {cpu_kernels.status().reason}")
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The scheme in float64: each row's values in groups of W8A8_GROUP (zeros past K), each group
+    quantized as p = round(x * (127 / max|x|)) with scale max|x| / 127, then sum q p times both
+    scales. Only the float32 accumulation over groups differs from the kernel."""
+    g = cpu_kernels.W8A8_GROUP
+    k = x.shape[1]
+    width = -(-k // g) * g
+    groups = torch.nn.functional.pad(x.float(), (0, width - k)).view(x.shape[0], -1, g)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    p = torch.round(groups * inverse).double()
+    wq = torch.nn.functional.pad(q.double(), (0, width - k)).view(q.shape[0], -1, g)
+    return torch.einsum("rgk,ngk,rg->rn", p, wq, (amax[..., 0] / 127).double()) * scales.double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features, in_features", [(100, 96), (37, 70), (300, 576), (16, 5)])
+def test_w8a8_sums_int8_activations_per_group_times_the_int8_weights_and_both_scales(dtype, out_features,
+                                                                                       in_features):
+    needs_w8a8(dtype)
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    q = torch.randint(-127, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
+    scales = torch.rand(out_features, generator=gen) / 50
+    bias = torch.randn(out_features, generator=gen).to(dtype)
+    packed = cpu_kernels.pack_w8a8(q)
+    padded = cpu_kernels.pad_scales(scales, packed)
+    for rows in (1, 2, 5, 13, 40):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        want = w8a8_reference(x, q, scales)
+        sums = cpu_kernels.linear(x, packed, out_features, None, float_out=True, scales=padded)
+        assert sums.dtype == torch.float32
+        torch.testing.assert_close(sums.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+        with_bias = cpu_kernels.linear(x, packed, out_features, bias, scales=padded)
+        assert with_bias.dtype == dtype and torch.equal(with_bias, (sums + bias.float()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a8_gives_a_row_the_same_bits_in_any_call_and_a_zero_row_its_bias(dtype):
+    needs_w8a8(dtype)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (1000, 576), generator=gen, dtype=torch.int8)  # a ragged split of blocks
+    bias = torch.randn(1000, generator=gen).to(dtype)
+    packed = cpu_kernels.pack_w8a8(q)
+    padded = cpu_kernels.pad_scales(torch.rand(1000, generator=gen) / 50, packed)
+    x = torch.randn(70, 576, generator=gen).to(dtype)
+    x[5] = 0
+    alone = torch.cat([cpu_kernels.linear(x[i : i + 1], packed, 1000, bias, scales=padded) for i in range(70)])
+    assert torch.equal(alone[5], bias)
+    for rows in (2, 3, 4, 6, 7, 12, 17, 33, 70):
+        for start in (0, 70 - rows):
+            got = cpu_kernels.linear(x[start : start + rows], packed, 1000, bias, scales=padded)
+            assert torch.equal(got, alone[start : start + rows]), (rows, start)
+    assert torch.equal(on_one_thread(lambda: cpu_kernels.linear(x, packed, 1000, bias, scales=padded)), alone)
+    with pytest.raises(RuntimeError, match="scales"):
+        cpu_kernels.linear(x, packed, 1000, None)
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.linear(x[:, :500], packed, 1000, None, scales=padded)
+
+
+def load_with_flags(monkeypatch, flags: str) -> cpu_kernels.KernelStatus:
+    """`_load` as on a CPU with these flags (the kernels, compiled already, load from the cache)."""
+    if cpu_kernels.status().module is None:
+        pytest.skip(cpu_kernels.status().reason)
+    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info(f"flags\t\t: {flags}\n"))
+    return cpu_kernels._load()
+
+
+AVX512 = "avx2 fma avx512f avx512bw avx512vl avx512dq"
+
+
+def test_w8a8_needs_the_cpu_s_vnni_dot_products(monkeypatch):
+    status = load_with_flags(monkeypatch, f"{AVX512} avx512_bf16")
+    assert not status.w8a8 and "W8A8 not available: no AVX512-VNNI" in status.reason
+    assert load_with_flags(monkeypatch, f"{AVX512} avx512_bf16 avx512_vnni").w8a8
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_runs_on_it_where_it_can_and_says_so(dtype):
     needs_kernel(dtype)
@@ -127,20 +212,12 @@ def test_it_is_not_built_where_the_cpu_or_the_switch_says_no(monkeypatch):
 
 
 def test_bf16_needs_the_cpu_s_bf16_dot_products(monkeypatch):
-    if cpu_kernels.status().module is None:
-        pytest.skip(cpu_kernels.status().reason)
-    monkeypatch.setattr(cpu_kernels, "cpu_info",
-                        lambda: parse_cpu_info("flags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq\n"))
-    status = cpu_kernels._load()  # compiled already: loads from the cache
+    status = load_with_flags(monkeypatch, AVX512)
     assert status.dtypes == {torch.float32} and "no avx512_bf16" in status.reason
 
 
 def test_bf16_linears_stay_on_onednn_where_amx_makes_blocks_cheap(monkeypatch):
-    if cpu_kernels.status().module is None:
-        pytest.skip(cpu_kernels.status().reason)
-    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info(
-        "flags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile\n"))
-    status = cpu_kernels._load()
+    status = load_with_flags(monkeypatch, f"{AVX512} avx512_bf16 amx_bf16 amx_tile")
     assert status.dtypes == {torch.float32} and "AMX" in status.reason and status.module is not None
 
 

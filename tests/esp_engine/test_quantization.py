@@ -24,7 +24,9 @@ from esp_engine.errors import ModelLoadError
 from esp_engine.kv_cache import KVCache
 from esp_engine.loader import load_model
 from esp_engine.model import PackedLinear
-from esp_engine.quantization import Int4Linear, Int8Linear, check_supported, quantize_lm_head_by_default, quantize_model
+from esp_engine import cpu_kernels
+from esp_engine.quantization import (Int4Linear, Int8Linear, W8A8Linear, check_supported, quantize_lm_head_by_default,
+                                     quantize_model)
 from esp_engine.scheduler import SchedulerConfig
 from tests.conftest import chat_ids, random_llama
 
@@ -44,7 +46,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _quantized_copy(loaded, method: str, lm_head: bool = False):
+def _quantized_copy(loaded, method: str, lm_head: bool | None = False):
     """`loaded` with its linears quantized, in a copy of the module tree (the session's model and
     its tensors stay as they are; quantize_model reads the dense weights and builds new modules)."""
     model = copy.copy(loaded.model)
@@ -196,6 +198,10 @@ def test_every_method_and_preset_equals_plain_decoding_on_a_small_random_model(t
     loaded = tiny_quantized[quant]
     assert type(loaded.model.layers[0].wqkv) is {"int8": Int8Linear, "int4": Int4Linear, "int8-head": Int8Linear}[quant]
     assert (type(loaded.model.lm_head) is Int8Linear) == (quant == "int8-head")
+    _check_every_method_and_preset(loaded)
+
+
+def _check_every_method_and_preset(loaded) -> None:
     engine = _engine(loaded)
     prompts = [[5 * i + j % 4 for j in range(12)] for i in range(3)]  # repeats, for PLD to find
     refs = [engine.generate(ids, SamplingParams(max_new_tokens=24), SpecConfig(method="ar")) for ids in prompts]
@@ -206,6 +212,53 @@ def test_every_method_and_preset_equals_plain_decoding_on_a_small_random_model(t
             accepted += result.num_decode_tokens
             calls += result.num_decode_calls
         assert accepted > calls, f"{method}:{preset} never accepted a drafted token"
+
+
+def needs_w8a8(dtype=torch.float32):
+    if not cpu_kernels.supports_w8a8(dtype):
+        pytest.skip(f"no W8A8 kernel here: {cpu_kernels.status().reason}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_w8a8_gives_a_row_the_same_result_for_1_to_130_rows_and_stays_near_int8(smol, dtype):
+    needs_w8a8(dtype)
+    dense = smol.model.layers[0].w_down  # a real 576x1536 weight
+    linear, int8 = W8A8Linear(dense.weight.data, None, dtype), Int8Linear(dense.weight.data, None, dtype)
+    assert torch.equal(linear.weight, int8.weight) and torch.equal(linear.scales, int8.scales)
+    assert linear.kind() == f"W8A8Linear[576x1536, w8a8 g32, {str(dtype)[6:]}, ours]"
+    x = torch.randn(KERNEL_ROWS, dense.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.inference_mode():
+        alone = torch.cat([linear(x[i : i + 1]) for i in range(KERNEL_ROWS)])
+        variant = [m for m in range(1, KERNEL_ROWS + 1) if not torch.equal(linear(x[:m]), alone[:m])]
+        want = int8(x).float()
+    assert variant == []
+    # Rounding each activation to one of 255 steps of its group's range: about 0.3% of a row's norm.
+    error = (alone.float() - want).norm(dim=-1) / want.norm(dim=-1)
+    assert error.max() < 0.02, error.max()
+
+
+def test_w8a8_quantizes_the_head_too_and_every_method_equals_plain_decoding(smol):
+    # Lossless for W8A8 is the same rule: with the same quantization, every method's greedy output
+    # is plain greedy decoding's. Activations are quantized per row, so rows beside a row never
+    # change its result; this is checked end to end on the tiny model and on SmolLM2.
+    needs_w8a8()
+    tiny = random_llama(vocab_size=64, hidden_size=64, intermediate_size=128, name="tiny64")
+    loaded, report = _quantized_copy(tiny, "w8a8", lm_head=None)
+    assert "lm_head" in report.quantized and type(loaded.model.lm_head) is W8A8Linear
+    assert type(loaded.model.layers[0].w_down) is W8A8Linear
+    _check_every_method_and_preset(loaded)
+    smol_w8a8 = _quantized_copy(smol, "w8a8", lm_head=None)[0]
+    ids = smol_w8a8.tokenizer("Counting: 1, 2, 3, 4, 5,")["input_ids"]
+    result = _check_lossless(_engine(smol_w8a8), ids, SpecConfig.from_preset("hybrid", "bc10"), 12)
+    assert result.num_decode_tokens > result.num_decode_calls, "no drafted token was accepted"
+
+
+def test_w8a8_is_refused_where_the_cpu_has_no_vnni(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_status", cpu_kernels.KernelStatus(None, frozenset(), "no kernels for this test"))
+    with pytest.raises(ModelLoadError, match="AVX512-VNNI.*no kernels for this test.*use --quantization int8"):
+        check_supported("w8a8", "cpu", torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="AVX512-VNNI"):
+        W8A8Linear(torch.randn(16, 32), None, torch.float32)
 
 
 def test_load_model_quantizes_and_reports(smol, tmp_path, monkeypatch):
@@ -241,7 +294,8 @@ def test_load_model_quantizes_and_reports(smol, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method, device, dtype, message", [
-    ("int3", "cpu", torch.float32, "unknown quantization 'int3'; choose one of none, int8, int4"),
+    ("int3", "cpu", torch.float32, "unknown quantization 'int3'; choose one of none, int8, int4, w8a8"),
+    ("w8a8", "cpu", torch.float16, "w8a8 runs on our CPU kernels with AVX512-VNNI, in float32 or bfloat16"),
     ("int4", "cuda", torch.bfloat16, "runs on CPU only"),
     ("int8", "cuda:1", torch.float16, "runs on CPU only"),
     ("int8", "cpu", torch.float64, "needs float32, bfloat16 or float16 activations"),
