@@ -103,6 +103,18 @@ def pack(weight: torch.Tensor, activations: torch.dtype | None = None) -> torch.
     return status().module.pack(weight.contiguous(), per_lane)
 
 
+def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The float weight [out_features, in_features] that `pack` made `packed` of (a new tensor)."""
+    blocks, steps, lanes, per_lane = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(blocks * lanes, steps * per_lane)[:out_features, :in_features].contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows `index` of the float weight that `pack` made `packed` of, [len(index), in_features]."""
+    _, steps, lanes, per_lane = packed.shape
+    return packed[index // lanes, :, index % lanes, :].reshape(len(index), steps * per_lane)[:, :in_features]
+
+
 def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
     """int8 q [N, K] (w = q * scale per output) as u8 q + 128 in VNNI's layout, K padded to
     `W8A8_GROUP`, for `linear` with int8 activations."""

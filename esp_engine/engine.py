@@ -59,7 +59,7 @@ class LLMEngine:
         per_slot = KVPool.slot_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.dtype)
         budget = config.kv_cache_bytes or default_kv_budget(
             per_slot * (loaded.max_model_len + 2 * _MAX_SLACK), config.max_num_seqs,
-            sum(p.numel() * p.element_size() for p in self.model.parameters()), self.model.device)
+            self.model.stored_bytes(), self.model.device)
         self.kv_pool = KVPool.from_budget(budget, shape.num_layers, shape.num_kv_heads, shape.head_dim,
                                           config.block_size, self.model.dtype, self.model.device)
         self.prefix_cache = PrefixCache(self.kv_pool) if config.enable_prefix_caching else None

@@ -97,9 +97,12 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # None where our kernel's packed copy is the only one (`dense_weight` unpacks it): a
+        # second copy in memory would be read by nothing on the hot path.
+        self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = weight.shape
+        self.weight_dtype = weight.dtype
         self.packed: torch.Tensor | None = None
         self.kernel_scales: torch.Tensor | None = None  # int8 weights' per-output scales, for our kernel
         self.backend = "torch"
@@ -110,6 +113,7 @@ class PackedLinear(nn.Module):
             return
         if cpu_kernels.supports_linear(weight.dtype):
             self.packed, self.backend = cpu_kernels.pack(weight), "ours"
+            self.weight = None
         elif _onednn_ok():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self._PACK_BATCH_HINT)
@@ -120,15 +124,31 @@ class PackedLinear(nn.Module):
     def kind(self) -> str:
         """What the kernel a call gets depends on, besides its row count."""
         bias = "+bias" if self.bias is not None else ""
-        dtype = str(self.weight.dtype).removeprefix("torch.")
+        dtype = str(self.weight_dtype).removeprefix("torch.")
         return f"{type(self).__name__}[{self.out_features}x{self.in_features}{bias}, {dtype}, {self.backend}]"
 
     def activation_dtype(self) -> torch.dtype:
-        return self.weight.dtype
+        return self.weight_dtype
+
+    def weight_device(self) -> torch.device:
+        return (self.weight if self.weight is not None else self.packed).device
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [N, K] in its dtype (unpacked from our kernel's layout where that is the only copy)."""
+        if self.weight is not None:
+            return self.weight.data
+        return cpu_kernels.unpack(self.packed, self.out_features, self.in_features)
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of W as float32 (quantized subclasses dequantize them)."""
-        return self.weight[index].float()
+        if self.weight is not None:
+            return self.weight[index].float()
+        return cpu_kernels.unpack_rows(self.packed, index, self.in_features).float()
+
+    def stored_bytes(self) -> int:
+        """Bytes of W and b as this module holds them (our kernel's packed copy where it is the only one)."""
+        held = [t for t in (self.weight, self.bias, self.packed if self.weight is None else None) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "PackedLinear":
@@ -330,6 +350,16 @@ class LlamaFamilyModel(nn.Module):
         x = decoder.forward(embeds, positions, keys, values, row_bounds, slot_starts, masks)
         attention.finish()
         return self.norm(x)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the weights as held in memory (packed copies where they are the only ones)."""
+        total = 0
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                total += module.stored_bytes()
+            else:
+                total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        return total
 
     def cpu_decoder(self):
         """The C++ pass over all layers (`cpu_kernels.CpuDecoder`), built at the first call, or

@@ -69,6 +69,7 @@ class _QuantizedLinear(PackedLinear):
     def _init_common(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         nn.Module.__init__(self)  # not PackedLinear's: that would pack the dense weight for oneDNN
         self.out_features, self.in_features = weight.shape
+        self.weight_dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.packed, self.kernel_scales, self.backend = None, None, "torch"
         self.row_plan = RowPlan()
@@ -94,6 +95,17 @@ class _QuantizedLinear(PackedLinear):
         """The float32 weight [N, K] that the kernel multiplies by."""
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def stored_bytes(self) -> int:
+        """Bytes of the integer weights, scales, zeros and bias as held (our kernel's packed copy
+        and its scales where that copy is the only one)."""
+        held = list(self.parameters())
+        if self.weight is None:
+            held += [self.packed, self.kernel_scales]
+        return sum(t.numel() * t.element_size() for t in held)
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.method}, activations {str(self._activation_dtype)[6:]}"
 
@@ -115,9 +127,12 @@ class Int8Linear(_QuantizedLinear):
             scale = (amax / 127).clamp_min_(torch.finfo(dtype).tiny).to(dtype)
             scales[start : start + _CHUNK_ROWS] = scale
             q[start : start + _CHUNK_ROWS] = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
-        self.weight = nn.Parameter(q, requires_grad=False)
+        # None where our kernel's packed copy is the only one (`integer_weight` unpacks it).
+        self.weight: nn.Parameter | None = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self._pack(weight.device, dtype)
+        if self.backend == "ours":
+            self.weight = None
 
     def _pack(self, device: torch.device, dtype: torch.dtype) -> None:
         if device.type == "cpu" and cpu_kernels.supports_linear(dtype):
@@ -126,6 +141,14 @@ class Int8Linear(_QuantizedLinear):
             self.packed = cpu_kernels.pack(self.weight.data, activations=dtype)
             self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
             self.backend = "ours"
+
+    def integer_weight(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """q [N, K] int8 (rows `index` of it)."""
+        if self.weight is not None:
+            return self.weight.data if index is None else self.weight.data[index]
+        if index is None:
+            return cpu_kernels.unpack(self.packed, self.out_features, self.in_features)
+        return cpu_kernels.unpack_rows(self.packed, index, self.in_features)
 
     @staticmethod
     def fits(out_features: int, in_features: int) -> bool:
@@ -141,10 +164,10 @@ class Int8Linear(_QuantizedLinear):
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.integer_weight().float() * self.scales.float()[:, None]
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self.weight[index].float() * self.scales[index].float()[:, None]
+        return self.integer_weight(index).float() * self.scales[index].float()[:, None]
 
 
 class W8A8Linear(Int8Linear):
@@ -165,6 +188,11 @@ class W8A8Linear(Int8Linear):
         self.packed = cpu_kernels.pack_w8a8(self.weight.data)
         self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
         self.backend = "ours"
+
+    def integer_weight(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        unsigned = cpu_kernels.unpack(self.packed, self.out_features, self.in_features) if index is None else \
+            cpu_kernels.unpack_rows(self.packed, index, self.in_features)
+        return (unsigned ^ 128).view(torch.int8)  # the packed bytes are q + 128
 
     @staticmethod
     def fits(out_features: int, in_features: int) -> bool:
@@ -286,12 +314,12 @@ def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool | None
     quantized, kept, before, after = [], [], 0, 0
     for label, owner, name, cls in targets:
         dense: PackedLinear = getattr(owner, name)
-        if not cls.fits(dense.out_features, dense.weight.shape[1]):
-            kept.append(f"{label} {dense.out_features}x{dense.weight.shape[1]}")
+        if not cls.fits(dense.out_features, dense.in_features):
+            kept.append(f"{label} {dense.out_features}x{dense.in_features}")
             continue
-        new = cls(dense.weight.data, None if dense.bias is None else dense.bias.data, model.dtype)
-        before += _nbytes(dense)
-        after += _nbytes(new)
+        new = cls(dense.dense_weight(), None if dense.bias is None else dense.bias.data, model.dtype)
+        before += dense.out_features * dense.in_features * dense.weight_dtype.itemsize
+        after += new.stored_bytes()
         setattr(owner, name, new)
         quantized.append(label)
     model.layers_changed()
@@ -300,7 +328,3 @@ def quantize_model(model: LlamaFamilyModel, method: str, *, lm_head: bool | None
         log.warning("%s", report.summary())
     return report
 
-
-def _nbytes(linear: nn.Module) -> int:
-    """Bytes of the weights as stored (not counting the oneDNN-reordered copy a dense linear also holds)."""
-    return sum(t.numel() * t.element_size() for t in linear.parameters())

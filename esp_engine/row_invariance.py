@@ -114,7 +114,7 @@ def probe_model(model: torch.nn.Module, cache_file: Path | None = None) -> dict[
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if not linears:
         return {}
-    machine = machine_key(linears[0].weight.device)
+    machine = machine_key(linears[0].weight_device())
     stored = _read_cache(cache_file).get(machine, {}) if cache_file else {}
     plans: dict[str, RowPlan] = {}
     for linear in linears:
@@ -123,7 +123,7 @@ def probe_model(model: torch.nn.Module, cache_file: Path | None = None) -> dict[
             if kind in stored:
                 plans[kind] = RowPlan(*stored[kind])
             else:
-                dtype, device = linear.activation_dtype(), linear.weight.device
+                dtype, device = linear.activation_dtype(), linear.weight_device()
                 with torch.inference_mode():
                     plans[kind] = probe(linear.matmul, linear.in_features, dtype, device)
                 log.info("row plan of %s: %d to %d rows per call", kind, plans[kind].min_rows, plans[kind].max_rows)

@@ -195,7 +195,8 @@ torch::Tensor pack_w8a8(const torch::Tensor& q) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar, "q [N, K] of int8");
   const int64_t n = q.size(0), k = q.size(1);
   const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes, k_pad = (k + kGroup - 1) / kGroup * kGroup;
-  torch::Tensor u = (torch::constant_pad_nd(q.to(torch::kInt), {0, k_pad - k, 0, n_pad - n}) + 128).to(torch::kByte);
+  // q + 128 as a byte is q's two's-complement bits with the top one flipped.
+  torch::Tensor u = torch::constant_pad_nd(q, {0, k_pad - k, 0, n_pad - n}).view(torch::kByte).bitwise_xor(128);
   return u.view({n_pad / kLanes, kLanes, k_pad / kQuad, kQuad}).permute({0, 2, 1, 3}).contiguous();
 }
 

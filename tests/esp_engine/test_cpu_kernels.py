@@ -192,6 +192,18 @@ def test_packed_linear_runs_on_it_where_it_can_and_says_so(dtype):
     assert torch.equal(linear(x), cpu_kernels.linear(x, linear.packed, 48, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_packed_copy_is_the_only_one_and_gives_the_weight_back(dtype):
+    needs_kernel(dtype)
+    w, b = torch.randn(50, 37).to(dtype), torch.randn(50).to(dtype)  # padded to 64 outputs (and 38 inputs in bf16)
+    linear = PackedLinear(w, b)
+    assert linear.weight is None and [p.shape for p in linear.parameters()] == [b.shape]
+    assert torch.equal(linear.dense_weight(), w) and linear.dense_weight().dtype == dtype
+    rows = torch.tensor([0, 17, 49, 17])
+    assert torch.equal(linear.weight_rows(rows), w[rows].float())
+    assert linear.stored_bytes() == linear.packed.numel() * linear.packed.element_size() + b.numel() * b.element_size()
+
+
 def test_without_the_kernel_packed_linear_keeps_onednn_and_the_log_says_why(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_status", cpu_kernels.KernelStatus(None, frozenset(), "off for this test"))
     w = torch.randn(48, 32)

@@ -57,7 +57,7 @@ def test_bf16_logits_choose_what_float32_sums_would_and_the_same_in_any_call(smo
         pytest.skip("the LM head is not on our CPU kernel here")
     hidden = torch.randn(40, model.shape.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     logits = model.logits(hidden)
-    exact = hidden.float() @ model.lm_head.weight.float().T
+    exact = hidden.float() @ model.lm_head.dense_weight().float().T
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     assert torch.equal(torch.cat([model.logits(hidden[i : i + 1]) for i in range(40)]), logits)
     assert logits.dtype == torch.float32

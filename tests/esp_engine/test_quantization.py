@@ -91,7 +91,7 @@ def test_every_layer_linear_is_replaced_and_the_head_kept(smol_int8, smol_int4):
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear], ids=["int8", "int4"])
 def test_kernel_gives_a_row_the_same_result_for_1_to_130_rows(smol, cls, dtype):
     dense = smol.model.layers[0].wo  # a real 576x576 weight
-    linear = cls(dense.weight.data, None, dtype)
+    linear = cls(dense.dense_weight(), None, dtype)
     assert isinstance(linear, PackedLinear)
     x = torch.randn(KERNEL_ROWS, dense.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.inference_mode():
@@ -101,7 +101,7 @@ def test_kernel_gives_a_row_the_same_result_for_1_to_130_rows(smol, cls, dtype):
 
 
 def test_int8_weights_are_within_half_a_step(smol):
-    dense = smol.model.layers[0].w_down.weight.data
+    dense = smol.model.layers[0].w_down.dense_weight()
     linear = Int8Linear(dense, None, torch.float32)
     err = (linear.dequantize() - dense).abs().amax(dim=1)
     assert torch.all(err <= linear.scales / 2 * (1 + 1e-5))
@@ -110,7 +110,7 @@ def test_int8_weights_are_within_half_a_step(smol):
 
 
 def test_int4_weights_are_within_half_a_step_of_their_group(smol):
-    dense = smol.model.layers[0].wqkv.weight.data[:128]
+    dense = smol.model.layers[0].wqkv.dense_weight()[:128]
     linear = Int4Linear(dense, None, torch.float32)
     err = (linear.dequantize() - dense).abs().reshape(128, -1, linear.group_size).amax(dim=-1)
     assert torch.all(err <= linear.scales_and_zeros[..., 0].T / 2 * (1 + 1e-5) + 1e-7)
@@ -158,7 +158,7 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(smol, smol_int8, s
 def test_int4_reproduces_the_embedded_models_q4_1_weights(smol):
     # The embedded GGUF is Q4_1: 4-bit codes with a scale and a minimum per 32 weights. int4's
     # asymmetric groups of 32 find the same grid, so the float32 weights come back bit for bit.
-    dense = smol.model.layers[3].wo.weight.data
+    dense = smol.model.layers[3].wo.dense_weight()
     assert torch.equal(Int4Linear(dense, None, torch.float32).dequantize(), dense)
 
 
@@ -223,8 +223,11 @@ def needs_w8a8(dtype=torch.float32):
 def test_w8a8_gives_a_row_the_same_result_for_1_to_130_rows_and_stays_near_int8(smol, dtype):
     needs_w8a8(dtype)
     dense = smol.model.layers[0].w_down  # a real 576x1536 weight
-    linear, int8 = W8A8Linear(dense.weight.data, None, dtype), Int8Linear(dense.weight.data, None, dtype)
-    assert torch.equal(linear.weight, int8.weight) and torch.equal(linear.scales, int8.scales)
+    linear, int8 = W8A8Linear(dense.dense_weight(), None, dtype), Int8Linear(dense.dense_weight(), None, dtype)
+    assert torch.equal(linear.integer_weight(), int8.integer_weight()) and torch.equal(linear.scales, int8.scales)
+    assert linear.weight is None and linear.integer_weight().dtype == torch.int8
+    rows = torch.tensor([3, 0, 575])
+    assert torch.equal(linear.weight_rows(rows), int8.dequantize()[rows])
     assert linear.kind() == f"W8A8Linear[576x1536, w8a8 g32, {str(dtype)[6:]}, ours]"
     x = torch.randn(KERNEL_ROWS, dense.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.inference_mode():

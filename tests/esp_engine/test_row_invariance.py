@@ -77,7 +77,7 @@ def test_every_linear_of_the_loaded_model_gives_a_row_the_same_result_in_any_cal
             if linear.kind() in seen:
                 continue
             seen.add(linear.kind())
-            x = torch.randn(130, linear.in_features, generator=gen).to(linear.weight.dtype)
+            x = torch.randn(130, linear.in_features, generator=gen).to(linear.activation_dtype())
             alone = _row_by_row(linear, x)
             for m in (2, 3, 5, 8, 16, 17, 33, 64, 100, 130):
                 assert torch.equal(linear(x[:m]), alone[:m]), f"{linear.kind()} at {m} rows"
