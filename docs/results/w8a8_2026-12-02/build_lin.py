@@ -1,4 +1,17 @@
+# python build_lin.py BLOCKS: esp_engine/kernels/linear_cpu.cpp with one-row calls on tiles of BLOCKS blocks
+# (the engine's: 4), built standalone into /tmp/w8build/lin_BLOCKS for bench_lin.py.
 import sys, os
+here = os.path.dirname(os.path.abspath(__file__))
+kernels = os.path.join(here, "..", "..", "..", "esp_engine", "kernels")
+s = open(os.path.join(kernels, "linear_cpu.cpp")).read()
+s = s.replace("template <class T, class O>\nvoid run_blocks(const Problem& p,",
+              "template <class T, class O, int kBlocks = ::kBlocks, int kRows = ::kRows>\nvoid run_blocks(const Problem& p,")
+s = s.replace("    run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);",
+              "    if (rows == 1 && ONE_ROW_BLOCKS != 4) run_blocks<T, O, ONE_ROW_BLOCKS, 1>(p, xp, wp, yp, sp, bp, first, last);\n"
+              "    else run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);")
+assert "ONE_ROW_BLOCKS" in s
+exp = "/tmp/linear_exp.cpp"
+open(exp, "w").write(s)
 from torch.utils import cpp_extension
 nb = sys.argv[1]
 name = f"lin_{nb}"
@@ -13,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("pack", &pack); m.def("linear",
 ''')
 os.environ["PATH"] = "/work/main/.venv/bin:" + os.environ["PATH"]
 flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-         "-I/work/main/esp_engine/kernels", f"-DONE_ROW_BLOCKS={nb}"]
+         "-I" + kernels, f"-DONE_ROW_BLOCKS={nb}"]
 bd = f"/tmp/w8build/{name}"; os.makedirs(bd, exist_ok=True)
-cpp_extension.load(name=name, sources=[src, "" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "linear_exp.cpp") + ""], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=bd)
+cpp_extension.load(name=name, sources=[src, exp], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=bd)
 print("built", name)
