@@ -192,7 +192,7 @@ def test_default_budget_on_a_cpu_is_bounded_by_the_weights_but_fits_one_sequence
 
 
 def _weight_bytes(loaded) -> int:
-    return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return loaded.model.stored_bytes()
 
 
 def test_embedded_model_pool_is_bounded_by_its_weights(smol, smol_engine):
