@@ -7,7 +7,7 @@ The unquantized model (in --dtype) answers each prompt greedily; every variant t
 tokens (prompt and answer, teacher-forced) and is compared position by position over the answer:
 top-1 agreement, the mean correlation of the logit rows and the mean KL(unquantized || quantized).
 Variants: int8, int8 with the LM head left unquantized (`quantize_model(lm_head=False)`), int4
-(its head is int8), int4 with a dense head. Then the cost of one pass at --rows (best of
+(its head is int8), int4 with a dense head, w8a8 (int8 activations too; CPUs with AVX512-VNNI). Then the cost of one pass at --rows (best of
 --repeats after 256 cached tokens, `StepCostModel.measure`), the linears' weight bytes and the
 time quantization took. Row plans are not probed: the quantized kernels are row-invariant.
 """
