@@ -18,11 +18,14 @@
 namespace {
 
 constexpr int kLanes = 16;
-// A tile is kBlocks 16-output blocks by up to kRows rows of x: 24 accumulators, 4 weight vectors
-// and a broadcast of x in the 32 vector registers. More rows than kRows take more passes over the
+// A tile is kTileBlocks 16-output blocks by up to kTileRows rows of x: 24 accumulators, 4 weight vectors
+// and a broadcast of x in the 32 vector registers. More rows than kTileRows take more passes over the
 // tile's weights, from cache. (Tiles of 2 blocks by 12 rows measured slower in bf16 and no better
 // in float32 up to 10 rows: docs/engine.md.)
-constexpr int kBlocks = 4, kRows = 6;
+constexpr int kTileBlocks = 4, kTileRows = 6;
+// One row (a decode step's linears): 8 blocks a tile, 8 weight streams in flight instead of 4, which
+// measured faster at streaming the weights from memory (docs/benchmarks.md).
+constexpr int kOneRowBlocks = 8;
 
 // An output vector stored in the output's dtype: float32 as it is, bf16 rounded to nearest even.
 inline void store_out(float* y, __m512 v, int valid) { esp::store16(y, v, valid); }
@@ -98,7 +101,7 @@ struct Problem {
 
 // The blocks [first, last) of every row, tile by tile, into y of dtype O (x's, or float32); sums
 // times the output's scale (int8 weights; else sp is null), plus its bias (or bp null).
-template <class T, class O>
+template <class T, class O, int kBlocks = kTileBlocks, int kRows = kTileRows>
 void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::weight* wp, O* yp,
                 const float* sp, const float* bp, int64_t first, int64_t last) {
   __m512 acc[kRows][kBlocks];
@@ -136,7 +139,8 @@ void linear_raw(const typename T::scalar* xp, int64_t rows, const typename T::we
   const Problem p{rows, n_out, steps * T::kPerLane, steps, steps * kLanes * T::kPerLane};
   // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
   at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);
+    if (rows == 1) run_blocks<T, O, kOneRowBlocks, 1>(p, xp, wp, yp, sp, bp, first, last);
+    else run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);
   });
 }
 

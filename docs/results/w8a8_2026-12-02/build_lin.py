@@ -1,14 +1,10 @@
 # python build_lin.py BLOCKS: esp_engine/kernels/linear_cpu.cpp with one-row calls on tiles of BLOCKS blocks
-# (the engine's: 4), built standalone into /tmp/w8build/lin_BLOCKS for bench_lin.py.
+# (the engine's: 8; 4 before this session), built standalone into /tmp/w8build/lin_BLOCKS for bench_lin.py.
 import sys, os
 here = os.path.dirname(os.path.abspath(__file__))
 kernels = os.path.join(here, "..", "..", "..", "esp_engine", "kernels")
 s = open(os.path.join(kernels, "linear_cpu.cpp")).read()
-s = s.replace("template <class T, class O>\nvoid run_blocks(const Problem& p,",
-              "template <class T, class O, int kBlocks = ::kBlocks, int kRows = ::kRows>\nvoid run_blocks(const Problem& p,")
-s = s.replace("    run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);",
-              "    if (rows == 1 && ONE_ROW_BLOCKS != 4) run_blocks<T, O, ONE_ROW_BLOCKS, 1>(p, xp, wp, yp, sp, bp, first, last);\n"
-              "    else run_blocks<T, O>(p, xp, wp, yp, sp, bp, first, last);")
+s = s.replace("run_blocks<T, O, kOneRowBlocks, 1>", "run_blocks<T, O, ONE_ROW_BLOCKS, 1>")
 assert "ONE_ROW_BLOCKS" in s
 exp = "/tmp/linear_exp.cpp"
 open(exp, "w").write(s)
