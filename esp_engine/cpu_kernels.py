@@ -104,15 +104,22 @@ def pack(weight: torch.Tensor, activations: torch.dtype | None = None) -> torch.
 
 
 def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The float weight [out_features, in_features] that `pack` made `packed` of (a new tensor)."""
+    """The weight [out_features, in_features] that `pack` or `pack_w8a8` made `packed` of (a new
+    tensor): float weights as they were, int8 and W8A8 ones as q."""
     blocks, steps, lanes, per_lane = packed.shape
-    return packed.permute(0, 2, 1, 3).reshape(blocks * lanes, steps * per_lane)[:out_features, :in_features].contiguous()
+    return _signed(packed.permute(0, 2, 1, 3).reshape(blocks * lanes, steps * per_lane)[:out_features, :in_features]
+                   .contiguous())
 
 
 def unpack_rows(packed: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Rows `index` of the float weight that `pack` made `packed` of, [len(index), in_features]."""
+    """Rows `index` of the weight that `pack` or `pack_w8a8` made `packed` of, [len(index), in_features]."""
     _, steps, lanes, per_lane = packed.shape
-    return packed[index // lanes, :, index % lanes, :].reshape(len(index), steps * per_lane)[:, :in_features]
+    return _signed(packed[index // lanes, :, index % lanes, :].reshape(len(index), steps * per_lane)[:, :in_features])
+
+
+def _signed(weight: torch.Tensor) -> torch.Tensor:
+    # pack_w8a8 stores q + 128 as bytes: q's bits with the top one flipped.
+    return (weight ^ 128).view(torch.int8) if weight.dtype == torch.uint8 else weight
 
 
 def pack_w8a8(q: torch.Tensor) -> torch.Tensor:

@@ -133,21 +133,29 @@ class PackedLinear(nn.Module):
     def weight_device(self) -> torch.device:
         return (self.weight if self.weight is not None else self.packed).device
 
-    def dense_weight(self) -> torch.Tensor:
-        """W [N, K] in its dtype (unpacked from our kernel's layout where that is the only copy)."""
+    def stored_weight(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as stored (int8 subclasses: q), or rows `index` of it, unpacked from our
+        kernel's layout where that is the only copy."""
         if self.weight is not None:
-            return self.weight.data
-        return cpu_kernels.unpack(self.packed, self.out_features, self.in_features)
+            return self.weight.data if index is None else self.weight.data[index]
+        if index is None:
+            return cpu_kernels.unpack(self.packed, self.out_features, self.in_features)
+        return cpu_kernels.unpack_rows(self.packed, index, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [N, K] in its dtype."""
+        return self.stored_weight()
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of W as float32 (quantized subclasses dequantize them)."""
-        if self.weight is not None:
-            return self.weight[index].float()
-        return cpu_kernels.unpack_rows(self.packed, index, self.in_features).float()
+        return self.stored_weight(index).float()
 
     def stored_bytes(self) -> int:
-        """Bytes of W and b as this module holds them (our kernel's packed copy where it is the only one)."""
-        held = [t for t in (self.weight, self.bias, self.packed if self.weight is None else None) if t is not None]
+        """Bytes of the weights, scales and bias as held (our kernel's packed copy and its scales
+        where that copy is the only one)."""
+        held = list(self.parameters())
+        if self.weight is None:
+            held += [t for t in (self.packed, self.kernel_scales) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
     @classmethod

@@ -98,14 +98,6 @@ class _QuantizedLinear(PackedLinear):
     def dense_weight(self) -> torch.Tensor:
         return self.dequantize()
 
-    def stored_bytes(self) -> int:
-        """Bytes of the integer weights, scales, zeros and bias as held (our kernel's packed copy
-        and its scales where that copy is the only one)."""
-        held = list(self.parameters())
-        if self.weight is None:
-            held += [self.packed, self.kernel_scales]
-        return sum(t.numel() * t.element_size() for t in held)
-
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.method}, activations {str(self._activation_dtype)[6:]}"
 
@@ -127,7 +119,7 @@ class Int8Linear(_QuantizedLinear):
             scale = (amax / 127).clamp_min_(torch.finfo(dtype).tiny).to(dtype)
             scales[start : start + _CHUNK_ROWS] = scale
             q[start : start + _CHUNK_ROWS] = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
-        # None where our kernel's packed copy is the only one (`integer_weight` unpacks it).
+        # None where our kernel's packed copy is the only one (`stored_weight` unpacks it).
         self.weight: nn.Parameter | None = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self._pack(weight.device, dtype)
@@ -141,14 +133,6 @@ class Int8Linear(_QuantizedLinear):
             self.packed = cpu_kernels.pack(self.weight.data, activations=dtype)
             self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
             self.backend = "ours"
-
-    def integer_weight(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """q [N, K] int8 (rows `index` of it)."""
-        if self.weight is not None:
-            return self.weight.data if index is None else self.weight.data[index]
-        if index is None:
-            return cpu_kernels.unpack(self.packed, self.out_features, self.in_features)
-        return cpu_kernels.unpack_rows(self.packed, index, self.in_features)
 
     @staticmethod
     def fits(out_features: int, in_features: int) -> bool:
@@ -164,10 +148,10 @@ class Int8Linear(_QuantizedLinear):
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> torch.Tensor:
-        return self.integer_weight().float() * self.scales.float()[:, None]
+        return self.stored_weight().float() * self.scales.float()[:, None]
 
     def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self.integer_weight(index).float() * self.scales[index].float()[:, None]
+        return self.stored_weight(index).float() * self.scales[index].float()[:, None]
 
 
 class W8A8Linear(Int8Linear):
@@ -188,11 +172,6 @@ class W8A8Linear(Int8Linear):
         self.packed = cpu_kernels.pack_w8a8(self.weight.data)
         self.kernel_scales = cpu_kernels.pad_scales(self.scales.data, self.packed)
         self.backend = "ours"
-
-    def integer_weight(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        unsigned = cpu_kernels.unpack(self.packed, self.out_features, self.in_features) if index is None else \
-            cpu_kernels.unpack_rows(self.packed, index, self.in_features)
-        return (unsigned ^ 128).view(torch.int8)  # the packed bytes are q + 128
 
     @staticmethod
     def fits(out_features: int, in_features: int) -> bool:

@@ -120,8 +120,6 @@ inline void tile(const QuantizedRows& xq, int64_t row0, int rows, const uint8_t*
   }
 }
 
-inline void store_out(float* y, __m512 v, int valid) { esp::store16(y, v, valid); }
-inline void store_out(at::BFloat16* y, __m512 v, int valid) { esp::store16(y, v, valid); }
 
 struct Problem {
   int64_t rows, n_out, block_stride;
@@ -153,7 +151,7 @@ void run_blocks(const Problem& pr, const QuantizedRows& xq, const uint8_t* wp, c
           // Scale, then bias, each rounded: never fused into one multiply-add.
           __m512 v = _mm512_mul_round_ps(acc[m][j], _mm512_loadu_ps(sp + n0), kRound);
           if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n0));
-          store_out(yp + (m0 + m) * pr.n_out + n0, v, (int)std::min<int64_t>(kLanes, pr.n_out - n0));
+          esp::store16(yp + (m0 + m) * pr.n_out + n0, v, (int)std::min<int64_t>(kLanes, pr.n_out - n0));
         }
     }
   }

@@ -224,8 +224,8 @@ def test_w8a8_gives_a_row_the_same_result_for_1_to_130_rows_and_stays_near_int8(
     needs_w8a8(dtype)
     dense = smol.model.layers[0].w_down  # a real 576x1536 weight
     linear, int8 = W8A8Linear(dense.dense_weight(), None, dtype), Int8Linear(dense.dense_weight(), None, dtype)
-    assert torch.equal(linear.integer_weight(), int8.integer_weight()) and torch.equal(linear.scales, int8.scales)
-    assert linear.weight is None and linear.integer_weight().dtype == torch.int8
+    assert torch.equal(linear.stored_weight(), int8.stored_weight()) and torch.equal(linear.scales, int8.scales)
+    assert linear.weight is None and linear.stored_weight().dtype == torch.int8
     rows = torch.tensor([3, 0, 575])
     assert torch.equal(linear.weight_rows(rows), int8.dequantize()[rows])
     assert linear.kind() == f"W8A8Linear[576x1536, w8a8 g32, {str(dtype)[6:]}, ours]"
