@@ -82,10 +82,11 @@ QuantizedRows quantize_rows(const T* x, int64_t rows, int64_t k, int64_t k_pad) 
   return out;
 }
 
-// Float accumulators of `blocks` consecutive 16-output blocks for up to `max_rows` rows.
+// Float accumulators of `blocks` consecutive 16-output blocks for up to `max_rows` rows. Along
+// the way, each group also asks for the same group of `prefetch_blocks` blocks at `prefetch`.
 template <int blocks, int max_rows>
 inline void tile(const QuantizedRows& xq, int64_t row0, int rows, const uint8_t* w, int64_t block_stride,
-                 __m512 (&acc)[max_rows][blocks]) {
+                 __m512 (&acc)[max_rows][blocks], const uint8_t* prefetch, int prefetch_blocks) {
   for (int m = 0; m < max_rows; ++m)
     for (int j = 0; j < blocks; ++j) acc[m][j] = _mm512_setzero_ps();
   const int64_t groups = xq.groups, ldp = xq.k_pad;
@@ -101,6 +102,9 @@ inline void tile(const QuantizedRows& xq, int64_t row0, int rows, const uint8_t*
     }
     const uint8_t* wg = w + g * kGroup * kLanes;
     const int8_t* pg = p + g * kGroup;
+    for (int j = 0; j < prefetch_blocks; ++j)
+      for (int i = 0; i < kStepsPerGroup; ++i)
+        _mm_prefetch((const char*)(prefetch + j * block_stride + g * kGroup * kLanes + i * 64), _MM_HINT_T0);
     for (int i = 0; i < kStepsPerGroup; ++i) {
       __m512i wv[blocks];
       for (int j = 0; j < blocks; ++j) wv[j] = _mm512_loadu_si512((const void*)(wg + j * block_stride + i * 64));
@@ -127,21 +131,31 @@ struct Problem {
 
 // A tile of kBlocks blocks by kRows rows: 2 * kBlocks * kRows accumulators (integer and float),
 // kBlocks weight vectors and a broadcast must fit the 32 vector registers.
+//
+// With more rows than one tile holds, a range of blocks is computed a row tile at a time: the
+// first reads its weights from memory, the others find them in cache, and the hardware
+// prefetcher, which follows addresses, idles meanwhile. So with `prefetch_next`, the row tiles
+// share out between them the request for the next range's weights.
 template <int kBlocks, int kRows, class O>
 void run_blocks(const Problem& pr, const QuantizedRows& xq, const uint8_t* wp, const float* sp, const float* bp,
-                O* yp, int64_t first, int64_t last) {
+                O* yp, int64_t first, int64_t last, bool prefetch_next) {
   __m512 acc[kRows][kBlocks];
+  const int64_t tiles = (pr.rows + kRows - 1) / kRows;
   for (int64_t b0 = first; b0 < last; b0 += kBlocks) {
     const int blocks = (int)std::min<int64_t>(kBlocks, last - b0);
-    for (int64_t m0 = 0; m0 < pr.rows; m0 += kRows) {
+    const int64_t next = b0 + kBlocks;
+    const int64_t next_blocks = prefetch_next ? std::max<int64_t>(0, std::min<int64_t>(kBlocks, last - next)) : 0;
+    for (int64_t m0 = 0, t = 0; m0 < pr.rows; m0 += kRows, ++t) {
       const int tile_rows = (int)std::min<int64_t>(kRows, pr.rows - m0);
       const uint8_t* wt = wp + b0 * pr.block_stride;
+      const int64_t pf_first = t * next_blocks / tiles, pf_last = (t + 1) * next_blocks / tiles;
+      const uint8_t* pf = pf_last > pf_first ? wp + (next + pf_first) * pr.block_stride : nullptr;
       if (blocks == kBlocks) {
-        tile<kBlocks, kRows>(xq, m0, tile_rows, wt, pr.block_stride, acc);
+        tile<kBlocks, kRows>(xq, m0, tile_rows, wt, pr.block_stride, acc, pf, (int)(pf_last - pf_first));
       } else {  // the range's last blocks, one at a time
         for (int j = 0; j < blocks; ++j) {
           __m512 one[kRows][1];
-          tile<1, kRows>(xq, m0, tile_rows, wt + j * pr.block_stride, pr.block_stride, one);
+          tile<1, kRows>(xq, m0, tile_rows, wt + j * pr.block_stride, pr.block_stride, one, nullptr, 0);
           for (int m = 0; m < tile_rows; ++m) acc[m][j] = one[m][0];
         }
       }
@@ -165,10 +179,11 @@ void w8a8_raw(const T* x, int64_t rows, int64_t k, const uint8_t* packed, int64_
   const Problem pr{rows, n_out, steps * kLanes * kQuad};
   // Threads take contiguous ranges of blocks; which thread computes an output never changes its bits.
   at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    // Up to three rows: four weight streams at once. More: three blocks by four rows, fewer
-    // passes over each tile's weights (docs/engine.md has the tile shapes measured).
-    if (rows <= 3) run_blocks<4, 3, O>(pr, xq, packed, scales, bias, y, first, last);
-    else run_blocks<3, 4, O>(pr, xq, packed, scales, bias, y, first, last);
+    // One row: eight weight streams at once. Up to three: four. More: three blocks by four rows,
+    // fewer passes over each tile's weights (docs/engine.md has the tile shapes measured).
+    if (rows == 1) run_blocks<8, 1, O>(pr, xq, packed, scales, bias, y, first, last, false);
+    else if (rows <= 3) run_blocks<4, 3, O>(pr, xq, packed, scales, bias, y, first, last, false);
+    else run_blocks<3, 4, O>(pr, xq, packed, scales, bias, y, first, last, true);
   });
 }
 
