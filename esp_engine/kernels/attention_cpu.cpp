@@ -35,6 +35,68 @@ inline __m512 sum_each(__m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
 }
 
+// The softmax weights p [heads][n] of `heads` query heads applied to the values they share:
+// out[h] = sum over i, in list order, of p[h][i] * v[seen[i]], times inv[h]. Each head's sums
+// are those of the head alone; doing several heads at once only reads each value row once and
+// gives the multiply-adds independent chains.
+template <int H, int DV, class T>
+inline void weighted_values(const float* const* p, const float* inv, const int32_t* seen, int64_t n, const T* vhead,
+                            int64_t v_slot, T* const* out) {
+  __m512 acc[H][DV];
+#pragma GCC unroll 16
+  for (int h = 0; h < H; ++h)
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vrow = vhead + (int64_t)seen[i] * v_slot;
+    __m512 v[DV];
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) v[d] = load16(vrow + d * 16);
+#pragma GCC unroll 16
+    for (int h = 0; h < H; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h][i]);
+#pragma GCC unroll 16
+      for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < H; ++h)
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) store16(out[h] + d * 16, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+}
+
+// Any head dimension, one head at a time.
+template <class T>
+inline void weighted_values_one(const float* p, float inv, const int32_t* seen, int64_t n, const T* vhead,
+                                int64_t v_slot, int64_t dvec, T* out) {
+  __m512 acc[16];
+  for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 w = _mm512_set1_ps(p[i]);
+    const T* vrow = vhead + (int64_t)seen[i] * v_slot;
+    for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_fmadd_ps(w, load16(vrow + d * 16), acc[d]);
+  }
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < dvec; ++d) store16(out + d * 16, _mm512_mul_ps(acc[d], vinv));
+}
+
+// Heads [0, count) of a group, as many at once as the registers hold.
+template <int DV, class T>
+inline void weighted_values_group(const float* const* p, const float* inv, const int32_t* seen, int64_t n,
+                                  const T* vhead, int64_t v_slot, T* const* out, int64_t count) {
+  constexpr int kMax = DV <= 4 ? 4 : 2;
+  for (int64_t h0 = 0; h0 < count; h0 += kMax) {
+    switch (std::min<int64_t>(kMax, count - h0)) {
+      case 1: weighted_values<1, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      case 2: weighted_values<2, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      case 3: if constexpr (kMax >= 3) weighted_values<3, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      default: if constexpr (kMax >= 4) weighted_values<4, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+    }
+  }
+}
+
+// Tasks are (row, key head): the query heads of a key head's group see the same keys, so they
+// share one list of them and one pass over the values.
 template <class T>
 void attend_impl(const esp::AttendArgs<T>& a) {
   const int64_t rows = a.rows, heads = a.heads, dim = a.dim;
@@ -49,14 +111,16 @@ void attend_impl(const esp::AttendArgs<T>& a) {
   const bool* mp = a.visible;
   const int64_t m_row = a.visible_row;
   const float scale = a.scale;
-  at::parallel_for(0, rows * heads, 1, [&](int64_t first, int64_t last) {
+  const int64_t score_stride = length + 16;
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<int32_t> seen;
-    std::vector<float> score;
+    std::vector<float> score(group * score_stride), inv(group);
+    std::vector<const float*> weights(group);
+    std::vector<T*> outs(group);
     seen.reserve(length);
-    score.resize(length + 16);
     int64_t listed_row = -1;
     for (int64_t task = first; task < last; ++task) {
-      const int64_t r = task / heads, h = task % heads, kvh = h / group;
+      const int64_t r = task / kv_heads, kvh = task % kv_heads;
       if (r != listed_row) {  // the keys row r sees, in slot order
         seen.clear();
         for (int64_t j = 0; j < length; ++j)
@@ -64,48 +128,50 @@ void attend_impl(const esp::AttendArgs<T>& a) {
         listed_row = r;
       }
       const int64_t n = (int64_t)seen.size();
-      T* o = op + (r * heads + h) * dim;
+      for (int64_t g = 0; g < group; ++g) outs[g] = op + (r * heads + kvh * group + g) * dim;
       if (n == 0) {  // sees nothing: zeros (SDPA would give NaN; no pass asks for it)
-        for (int64_t d = 0; d < dvec; ++d) store16(o + d * 16, _mm512_setzero_ps());
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < dvec; ++d) store16(outs[g] + d * 16, _mm512_setzero_ps());
         continue;
       }
-      __m512 qv[16];
-      const T* qrow = qp + (r * heads + h) * dim;
-      for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
       const T* khead = kp + kvh * k_head;
-      const __m512 vscale = _mm512_set1_ps(scale);
-      __m512 vmax = _mm512_set1_ps(-INFINITY);
-      for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time; a short last group repeats its last key
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j) {
-          const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
-          acc[j] = _mm512_mul_ps(qv[0], load16(krow));
-          for (int64_t d = 1; d < dvec; ++d) acc[j] = _mm512_fmadd_ps(qv[d], load16(krow + d * 16), acc[j]);
+      for (int64_t g = 0; g < group; ++g) {  // each head's scores and softmax weights
+        float* sc = score.data() + g * score_stride;
+        __m512 qv[16];
+        const T* qrow = qp + (r * heads + kvh * group + g) * dim;
+        for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
+        const __m512 vscale = _mm512_set1_ps(scale);
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time; a short last group repeats its last key
+          __m512 acc[16];
+          for (int j = 0; j < 16; ++j) {
+            const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
+            acc[j] = _mm512_mul_ps(qv[0], load16(krow));
+            for (int64_t d = 1; d < dvec; ++d) acc[j] = _mm512_fmadd_ps(qv[d], load16(krow + d * 16), acc[j]);
+          }
+          const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
+          _mm512_storeu_ps(sc + i0, s);
+          vmax = _mm512_max_ps(vmax, s);
         }
-        const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
-        _mm512_storeu_ps(score.data() + i0, s);
-        vmax = _mm512_max_ps(vmax, s);
+        const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
+        const __m512 vbest = _mm512_set1_ps(best);
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+          const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + i), vbest));
+          e = _mm512_maskz_mov_ps(lanes, e);
+          _mm512_mask_storeu_ps(sc + i, lanes, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+        weights[g] = sc;
       }
-      const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
-      const __m512 vbest = _mm512_set1_ps(best);
-      __m512 vsum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, score.data() + i), vbest));
-        e = _mm512_maskz_mov_ps(lanes, e);
-        _mm512_mask_storeu_ps(score.data() + i, lanes, e);
-        vsum = _mm512_add_ps(vsum, e);
-      }
-      const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-      __m512 acc[16];
-      for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; ++i) {
-        const __m512 p = _mm512_set1_ps(score[i]);
-        const T* vrow = vp + kvh * v_head + (int64_t)seen[i] * v_slot;
-        for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_fmadd_ps(p, load16(vrow + d * 16), acc[d]);
-      }
-      const __m512 vinv = _mm512_set1_ps(inv);
-      for (int64_t d = 0; d < dvec; ++d) store16(o + d * 16, _mm512_mul_ps(acc[d], vinv));
+      const T* vhead = vp + kvh * v_head;
+      if (dvec == 4) weighted_values_group<4>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
+      else if (dvec == 8) weighted_values_group<8>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
+      else
+        for (int64_t g = 0; g < group; ++g)
+          weighted_values_one(weights[g], inv[g], seen.data(), n, vhead, v_slot, dvec, outs[g]);
     }
   });
 }
