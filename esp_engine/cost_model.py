@@ -33,6 +33,17 @@ def _best_time(run, reset, repeats: int, device: torch.device) -> float:
     return best
 
 
+def _interpolate(xs: list[int], ys: list[float], x: int) -> float:
+    """ys at x, linear between the measured points and beyond the last two."""
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return ys[-1] + slope * (x - xs[-1])
+
+
 @dataclass(slots=True)
 class StepCostModel:
     """Seconds per forward pass by number of block rows, linearly interpolated."""
@@ -40,15 +51,22 @@ class StepCostModel:
     rows: list[int]
     seconds: list[float]
     per_sequence: float = 0.0  # extra seconds for each further sequence in a batched pass (its attention)
+    head_seconds: list[float] | None = None  # the LM head alone over the same row counts
 
     def cost(self, num_rows: int) -> float:
-        if num_rows <= self.rows[0]:
-            return self.seconds[0]
-        for (r0, s0), (r1, s1) in zip(zip(self.rows, self.seconds), zip(self.rows[1:], self.seconds[1:])):
-            if num_rows <= r1:
-                return s0 + (s1 - s0) * (num_rows - r0) / (r1 - r0)
-        slope = (self.seconds[-1] - self.seconds[-2]) / (self.rows[-1] - self.rows[-2])
-        return self.seconds[-1] + slope * (num_rows - self.rows[-1])
+        return _interpolate(self.rows, self.seconds, num_rows)
+
+    def head_cost(self, num_rows: int) -> float | None:
+        """Seconds of one LM-head call over `num_rows` rows; None where it was not measured."""
+        if self.head_seconds is None:
+            return None
+        return _interpolate(self.rows, self.head_seconds, num_rows) if num_rows > 0 else 0.0
+
+    def one_head_call_pays(self, choosing: int, extra: int, taken: int) -> bool:
+        """Whether one LM-head call over `choosing + extra` rows costs no more than a call over
+        `choosing` and a second over the `taken` rows chosen among the extra ones."""
+        one = self.head_cost(choosing + extra)
+        return one is not None and one <= self.head_cost(choosing) + self.head_cost(taken)
 
     @classmethod
     def measure(cls, model: LlamaFamilyModel, rows: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 24, 32),
@@ -70,7 +88,9 @@ class StepCostModel:
                 model.logits(hidden[: max(1, n // 2)])
 
             seconds.append(_best_time(block, lambda: cache.truncate(context), repeats, model.device))
-        return cls(list(rows), seconds, cls._measure_per_sequence(model, context, repeats))
+        hidden = torch.randn(max(rows), shape.hidden_size, device=model.device).to(model.dtype)
+        head = [_best_time(lambda: model.logits(hidden[:n]), lambda: None, repeats, model.device) for n in rows]
+        return cls(list(rows), seconds, cls._measure_per_sequence(model, context, repeats), head)
 
     @staticmethod
     def _measure_per_sequence(model: LlamaFamilyModel, context: int, repeats: int, batch: int = 8) -> float:

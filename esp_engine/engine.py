@@ -75,8 +75,8 @@ class LLMEngine:
         if kind == "auto":
             kind = "padded" if self.model.device.type == "cuda" else "plain"
         if kind == "plain":
-            return ModelRunner(self.model)
-        runner = PaddedModelRunner(self.model, self.kv_pool)
+            return ModelRunner(self.model, self.step_costs)
+        runner = PaddedModelRunner(self.model, self.kv_pool, step_costs=self.step_costs)
         stats = runner.padded.capture()  # the whole ladder now, so that no request waits for a capture
         log.info("decode steps run padded into %d buckets (%s attention); %d CUDA graphs captured in %.1f s, "
                  "%.0f MiB", len(runner.padded.ladder.buckets()), runner.padded.attention, stats.num_graphs,

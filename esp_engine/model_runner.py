@@ -11,13 +11,15 @@ never decides admission, stopping or finishing: that is the scheduler's `update`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .cost_model import StepCostModel
 from .kv_cache import KVCache, compact_caches
 from .model import LlamaFamilyModel
-from .proposers.base import Draft
+from .proposers.base import Draft, ReadoutCandidates
 from .sampling import token_logprobs
 from .scheduler import DecodeSlot, PrefillChunk, StepPlan
 from .sequence import Sequence
@@ -74,12 +76,18 @@ class _Piece:
     hidden: torch.Tensor | None = None
     choice_logits: torch.Tensor | None = None
     greedy_choices: list[int] | None = None  # argmax of the rows a greedy sequence chooses with
-    readout_hidden: torch.Tensor | None = None
+    early: ReadoutCandidates | None = None  # rows the readout will be taken from, known before choosing
+    early_logits: torch.Tensor | None = None  # their logits, where they rode with the choosing rows'
+    readout_rows: slice | None = None
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaFamilyModel) -> None:
+    def __init__(self, model: LlamaFamilyModel, step_costs: Callable[[], StepCostModel] | None = None) -> None:
+        """`step_costs` (measured on first call) says when a readout's candidate rows should
+        ride with the choosing rows through the LM head; without it they never do where that
+        adds rows."""
         self.model = model
+        self.step_costs = step_costs
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -137,7 +145,8 @@ class ModelRunner:
         positions = (layout.offsets + base).clamp_(max=model.shape.max_position - 1)
         return _Piece(seq, SequenceResult(seq.req_id), embeds, positions,
                       layout.attn if layout.num_rows > 1 else None, slice(0, layout.num_tree_rows),
-                      block=(draft, layout, base, slot.budget.max_rows))
+                      block=(draft, layout, base, slot.budget.max_rows),
+                      early=seq.proposer.readout_candidates(draft, layout))
 
     def _prefill_piece(self, chunk: PrefillChunk) -> _Piece:
         seq, model = chunk.seq, self.model
@@ -158,15 +167,23 @@ class ModelRunner:
         else:
             choosing = slice(n - 1, n) if chunk.is_last and fresh else slice(0, 0)
         result = SequenceResult(seq.req_id, prefill_done=chunk.is_last, prompt_start=chunk.start)
-        return _Piece(seq, result, embeds, positions, None, choosing)
+        early = ReadoutCandidates(slice(n, n + k), k) if k else None  # the prefill masks, all read
+        return _Piece(seq, result, embeds, positions, None, choosing, early=early)
 
     # ---- outputs ------------------------------------------------------------------------------
     def _finish(self, pieces: list[_Piece]) -> None:
-        """Choose, verify and read back: the LM head runs twice for the whole batch, and the
-        greedy choices and KV moves of all sequences take one device transfer each."""
+        """Choose, verify and read back: the LM head runs once or twice for the whole batch (see
+        `_early_readouts`), and the greedy choices and KV moves of all sequences take one device
+        transfer each."""
         live = [p for p in pieces if p.choosing.stop > p.choosing.start]
-        for piece, logits in zip(live, self._logits([p.hidden[p.choosing] for p in live])):
-            piece.choice_logits = logits
+        early = self._early_readouts(live)
+        groups = [torch.cat([p.hidden[p.choosing], p.hidden[p.early.rows]]) if id(p) in early else p.hidden[p.choosing]
+                  for p in live]
+        for piece, logits in zip(live, self._logits(groups)):
+            chosen = piece.choosing.stop - piece.choosing.start
+            piece.choice_logits = logits[:chosen]
+            if id(piece) in early:
+                piece.early_logits = logits[chosen:]
         self._greedy_choices(live)
         moves = {i: move for i, piece in enumerate(pieces) if (move := self._guard(piece, self._choose)) is not None}
         try:
@@ -174,9 +191,33 @@ class ModelRunner:
         except Exception as exc:
             for i in moves:
                 pieces[i].result.error = exc
-        live = [p for p in pieces if p.readout_hidden is not None and p.result.error is None]
-        for piece, logits in zip(live, self._logits([p.readout_hidden for p in live])):
+        late = []
+        for piece in pieces:
+            rows = piece.readout_rows
+            if rows is None or piece.result.error is not None:
+                continue
+            if piece.early_logits is not None:
+                start = rows.start - piece.early.rows.start
+                piece.result.readout = piece.early_logits[start : start + rows.stop - rows.start]
+            else:
+                late.append(piece)
+        for piece, logits in zip(late, self._logits([p.hidden[p.readout_rows] for p in late])):
             piece.result.readout = logits
+
+    def _early_readouts(self, live: list[_Piece]) -> set[int]:
+        """Pieces whose readout candidates go through the LM head with the choosing rows. Where a
+        piece reads all its candidates (the prefill masks, a lookahead window), always: one call
+        instead of two over the same rows. Where it reads a few of many (ESP: the masks of the
+        deepest accepted row, one owner among all), only if the measured head cost says the
+        one larger call is cheaper than a second call."""
+        sure = [p for p in live if p.early is not None and p.early.taken == p.early.rows.stop - p.early.rows.start]
+        maybe = [p for p in live if p.early is not None and p.early.taken != p.early.rows.stop - p.early.rows.start]
+        if maybe and self.step_costs is not None:
+            choosing = sum(p.choosing.stop - p.choosing.start for p in live) + sum(p.early.taken for p in sure)
+            extra = sum(p.early.rows.stop - p.early.rows.start for p in maybe)
+            if self.step_costs().one_head_call_pays(choosing, extra, sum(p.early.taken for p in maybe)):
+                sure += maybe
+        return {id(p) for p in sure}
 
     @staticmethod
     def _guard(piece: _Piece, stage):
@@ -211,8 +252,7 @@ class ModelRunner:
             verdict = verify(draft.tree, piece.choice_logits, seq.chooser, piece.greedy_choices)
             result.decode = DecodeOutcome(draft, layout, verdict, max_rows)
             result.token_ids = verdict.committed
-            rows = seq.proposer.readout_rows(draft, layout, verdict)
-            piece.readout_hidden = None if rows is None else piece.hidden[rows]
+            piece.readout_rows = seq.proposer.readout_rows(draft, layout, verdict)
             if seq.sampling.logprobs is not None:
                 result.logprobs = token_logprobs(piece.choice_logits[[0, *verdict.accepted_rows]], verdict.committed,
                                                  seq.sampling.logprobs)
@@ -229,7 +269,7 @@ class ModelRunner:
             return None
         seq.cache.truncate(seq.cache.length - (piece.embeds.shape[0] - n))  # drop the masks' KV
         result.token_ids = piece.greedy_choices or [seq.chooser.choose(logits[-1])]
-        piece.readout_hidden = piece.hidden[n:]  # the prefill masks (ESP), if any
+        piece.readout_rows = slice(n, piece.hidden.shape[0])  # the prefill masks (ESP), if any
         if seq.sampling.logprobs is not None:
             result.logprobs = token_logprobs(logits[-1:], result.token_ids, seq.sampling.logprobs)
         return None

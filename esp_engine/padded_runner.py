@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .cost_model import StepCostModel
 from .kv_cache import KVPool
 from .model import LlamaFamilyModel
 from .model_runner import ModelRunner, _Piece
@@ -192,8 +193,9 @@ class PaddedModelRunner(ModelRunner):
     returns the same `StepResult`. `padded_passes` counts the steps that ran padded."""
 
     def __init__(self, model: LlamaFamilyModel, pool: KVPool, ladder: BucketLadder | None = None,
-                 attention: str = "auto", graphs: bool | None = None) -> None:
-        super().__init__(model)
+                 attention: str = "auto", graphs: bool | None = None,
+                 step_costs: Callable[[], StepCostModel] | None = None) -> None:
+        super().__init__(model, step_costs)
         self.padded = PaddedForward(model, pool, ladder, attention, graphs)
         self.padded_passes = 0
 

@@ -42,6 +42,14 @@ def always_pays(key: str, rows: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadoutCandidates:
+    """Rows a block's readout will be taken from (a slice of the block), and how many it takes."""
+
+    rows: slice
+    taken: int
+
+
+@dataclass(frozen=True, slots=True)
 class DraftBudget:
     """What one step allows a sequence's block."""
 
@@ -141,6 +149,12 @@ class Proposer:
     def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
         """Rows of the block whose logits `observe` needs (the runner computes the logits of all
         sequences in one pass over the LM head)."""
+        return None
+
+    def readout_candidates(self, draft: Draft, layout: BlockLayout) -> ReadoutCandidates | None:
+        """Before verification: the rows `readout_rows` will pick from, and how many it takes.
+        The runner may compute their logits with the verifying rows' (one pass over the LM head
+        instead of two) where its measured cost says that is cheaper. None: not known ahead."""
         return None
 
     def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:

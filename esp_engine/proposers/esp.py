@@ -15,7 +15,7 @@ import torch
 from ..config import SpecConfig
 from ..tree import BlockLayout, DraftTree
 from ..verifier import Verdict
-from .base import Draft, DraftBudget, Proposer
+from .base import Draft, DraftBudget, Proposer, ReadoutCandidates
 
 if TYPE_CHECKING:
     from ..cost_model import BudgetTuner
@@ -170,6 +170,12 @@ class EspProposer(Proposer):
     def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
         # The masks owned by the deepest accepted row guess the tokens after the next root.
         return layout.owner_mask_rows(verdict.deepest_row) if draft.num_masks else None
+
+    def readout_candidates(self, draft: Draft, layout: BlockLayout) -> ReadoutCandidates | None:
+        # Every tree row's masks, since any row may turn out the deepest accepted.
+        if not draft.num_masks:
+            return None
+        return ReadoutCandidates(slice(layout.num_tree_rows, layout.lookahead_start), draft.num_masks)
 
     def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
         if self.tuner is not None and self._offered_width:

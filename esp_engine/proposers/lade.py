@@ -15,7 +15,7 @@ import torch
 from ..config import SpecConfig
 from ..tree import BlockLayout, DraftTree
 from ..verifier import Verdict
-from .base import Draft, DraftBudget, Proposer
+from .base import Draft, DraftBudget, Proposer, ReadoutCandidates
 
 
 class NgramPool:
@@ -70,6 +70,13 @@ class LadeProposer(Proposer):
 
     def readout_rows(self, draft: Draft, layout: BlockLayout, verdict: Verdict) -> slice | None:
         return layout.lookahead_row(self.rows - 1) if draft.lookahead_tokens else None
+
+    def readout_candidates(self, draft: Draft, layout: BlockLayout) -> ReadoutCandidates | None:
+        # The window's last row is read whatever is accepted.
+        if not draft.lookahead_tokens:
+            return None
+        rows = layout.lookahead_row(self.rows - 1)
+        return ReadoutCandidates(rows, rows.stop - rows.start)
 
     def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
         if readout is None:
