@@ -11,7 +11,7 @@ expected tokens per pass / cost of the pass, i.e. tokens per second.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,16 +20,21 @@ from .kv_cache import KVCache
 from .model import LlamaFamilyModel
 
 
-def _best_time(run, reset, repeats: int, device: torch.device) -> float:
-    """Best wall time of `repeats` runs of `run` after one warm-up, `reset` before each."""
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms kernels up
-        reset()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+def _best_times(runs: Sequence[Callable[[], object]], reset: Callable[[], object], repeats: int,
+                device: torch.device) -> list[float]:
+    """Best wall time of each of `runs` over `repeats` rounds that take them in turn, after one
+    warm-up each, `reset` before every run. Taking them in turn keeps their ratios, which decide
+    tree sizes, from following a machine whose speed drifts between minutes."""
+    best = [float("inf")] * len(runs)
+    for round_ in range(repeats + 1):  # round 0 warms kernels up
+        for i, run in enumerate(runs):
+            reset()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_:
+                best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -77,19 +82,19 @@ class StepCostModel:
         cache = KVCache.standalone(shape.num_layers, shape.num_kv_heads, shape.head_dim, context + max(rows), model.dtype, model.device)
         ids = torch.randint(0, shape.vocab_size, (context + max(rows),), device=model.device)
         model(cache, model.embed(ids[:context]), torch.arange(context, device=model.device), None)
-        seconds = []
-        for n in rows:
-            mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
+        def block(n: int):
+            mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_() if n > 1 else None
             embeds = model.embed(ids[context : context + n])
             positions = torch.arange(context, context + n, device=model.device)
 
-            def block() -> None:  # run at once, so the loop's variables are this iteration's
-                hidden = model(cache, embeds, positions, mask if n > 1 else None)
+            def run() -> None:
+                hidden = model(cache, embeds, positions, mask)
                 model.logits(hidden[: max(1, n // 2)])
+            return run
 
-            seconds.append(_best_time(block, lambda: cache.truncate(context), repeats, model.device))
+        seconds = _best_times([block(n) for n in rows], lambda: cache.truncate(context), repeats, model.device)
         hidden = torch.randn(max(rows), shape.hidden_size, device=model.device).to(model.dtype)
-        head = [_best_time(lambda: model.logits(hidden[:n]), lambda: None, repeats, model.device) for n in rows]
+        head = _best_times([lambda n=n: model.logits(hidden[:n]) for n in rows], lambda: None, repeats, model.device)
         return cls(list(rows), seconds, cls._measure_per_sequence(model, context, repeats), head)
 
     @staticmethod
@@ -110,10 +115,10 @@ class StepCostModel:
             for cache in caches:
                 cache.truncate(context)
 
-        together = _best_time(lambda: model.forward_batch(caches, embeds, positions, [None] * batch, [1] * batch),
-                              reset, repeats, model.device)
-        alone = _best_time(lambda: model(caches[0], embeds, torch.arange(context, context + batch, device=model.device),
-                                         one_mask), reset, repeats, model.device)
+        together, alone = _best_times(
+            [lambda: model.forward_batch(caches, embeds, positions, [None] * batch, [1] * batch),
+             lambda: model(caches[0], embeds, torch.arange(context, context + batch, device=model.device), one_mask)],
+            reset, repeats, model.device)
         return max(0.0, (together - alone) / (batch - 1))
 
     def batch_cost(self, num_rows: int, num_sequences: int) -> float:
