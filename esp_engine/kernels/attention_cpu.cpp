@@ -35,6 +35,33 @@ inline __m512 sum_each(__m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
 }
 
+// A head's scores (q . k times scale) for the n keys it sees, 16 at a time (a short last group
+// repeats its last key), into sc; returns their lane-wise maximum. DV: the head dimension in
+// vectors, fixed at compile time so that q and the sums stay in registers (0: `dvec`, at run time).
+template <int DV, class T>
+inline __m512 scores(const __m512* qv, const T* khead, int64_t k_slot, const int32_t* seen, int64_t n, __m512 vscale,
+                     float* sc, int64_t dvec = DV) {
+  constexpr bool kFixed = DV > 0;
+  __m512 q[kFixed ? DV : 16];
+  const int64_t dv = kFixed ? DV : dvec;
+  for (int64_t d = 0; d < dv; ++d) q[d] = qv[d];
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
+      acc[j] = _mm512_mul_ps(q[0], load16(krow));
+#pragma GCC unroll 16
+      for (int64_t d = 1; d < dv; ++d) acc[j] = _mm512_fmadd_ps(q[d], load16(krow + d * 16), acc[j]);
+    }
+    const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
+    _mm512_storeu_ps(sc + i0, s);
+    vmax = _mm512_max_ps(vmax, s);
+  }
+  return vmax;
+}
+
 // The softmax weights p [heads][n] of `heads` query heads applied to the values they share:
 // out[h] = sum over i, in list order, of p[h][i] * v[seen[i]], times inv[h]. Each head's sums
 // are those of the head alone; doing several heads at once only reads each value row once and
@@ -96,7 +123,8 @@ inline void weighted_values_group(const float* const* p, const float* inv, const
 }
 
 // Tasks are (row, key head): the query heads of a key head's group see the same keys, so they
-// share one list of them and one pass over the values.
+// share one list of them and one pass over the values. Tasks run key head by key head, so the
+// rows a thread takes in turn read the same keys and values, from cache after the first.
 template <class T>
 void attend_impl(const esp::AttendArgs<T>& a) {
   const int64_t rows = a.rows, heads = a.heads, dim = a.dim;
@@ -120,7 +148,7 @@ void attend_impl(const esp::AttendArgs<T>& a) {
     seen.reserve(length);
     int64_t listed_row = -1;
     for (int64_t task = first; task < last; ++task) {
-      const int64_t r = task / kv_heads, kvh = task % kv_heads;
+      const int64_t kvh = task / rows, r = task % rows;
       if (r != listed_row) {  // the keys row r sees, in slot order
         seen.clear();
         for (int64_t j = 0; j < length; ++j)
@@ -142,17 +170,9 @@ void attend_impl(const esp::AttendArgs<T>& a) {
         for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
         const __m512 vscale = _mm512_set1_ps(scale);
         __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time; a short last group repeats its last key
-          __m512 acc[16];
-          for (int j = 0; j < 16; ++j) {
-            const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
-            acc[j] = _mm512_mul_ps(qv[0], load16(krow));
-            for (int64_t d = 1; d < dvec; ++d) acc[j] = _mm512_fmadd_ps(qv[d], load16(krow + d * 16), acc[j]);
-          }
-          const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
-          _mm512_storeu_ps(sc + i0, s);
-          vmax = _mm512_max_ps(vmax, s);
-        }
+        if (dvec == 4) vmax = scores<4>(qv, khead, k_slot, seen.data(), n, vscale, sc);
+        else if (dvec == 8) vmax = scores<8>(qv, khead, k_slot, seen.data(), n, vscale, sc);
+        else vmax = scores<0>(qv, khead, k_slot, seen.data(), n, vscale, sc, dvec);
         const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
         const __m512 vbest = _mm512_set1_ps(best);
         __m512 vsum = _mm512_setzero_ps();
