@@ -1,0 +1,222 @@
+// Attention of query rows over one sequence's cached keys and values, for a CPU with AVX512.
+//
+// A row's output must have the same bits whether the row is decoded alone or sits in a tree
+// block beside siblings it does not see (docs/engine.md, "Row invariance"). Here each (row, head)
+// first lists the keys it sees in slot order, and everything after runs over that list in a
+// fixed order, in float32: scores, their maximum, exp, the sum, and the weighted sum of values.
+// A tree node's list (the context, then its ancestors) is the list the same token has when
+// decoded alone, so its output is the same. Nothing depends on the other rows of the call, on
+// masked keys, or on the thread that computes it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ops_cpu.h"
+#include "vec_cpu.h"
+
+int g_mode = 0;
+namespace {
+
+using esp::load16;
+using esp::store16;
+
+// 16 vectors to one: lane j holds the sum of a[j]'s 16 lanes. The same fixed tree of adds for
+// each j; which j a key gets is its place in the row's list of keys, the same in any call.
+inline __m512 sum_each(__m512 (&a)[16]) {
+  __m512 b[8], c[4], e[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit lane l: (a2k, a2k+1) pairs of the lane's 4 elements, added
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // 128-bit lane l: the lane's sums of a4k .. a4k+3
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+  for (int k = 0; k < 2; ++k)  // pairs of 128-bit lanes added
+    e[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88), _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
+}
+
+// The softmax weights p [heads][n] of `heads` query heads applied to the values they share:
+// out[h] = sum over i, in list order, of p[h][i] * v[seen[i]], times inv[h]. Each head's sums
+// are those of the head alone; doing several heads at once only reads each value row once and
+// gives the multiply-adds independent chains.
+template <int H, int DV, class T>
+inline void weighted_values(const float* const* p, const float* inv, const int32_t* seen, int64_t n, const T* vhead,
+                            int64_t v_slot, T* const* out) {
+  __m512 acc[H][DV];
+#pragma GCC unroll 16
+  for (int h = 0; h < H; ++h)
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vrow = vhead + (int64_t)seen[i] * v_slot;
+    __m512 v[DV];
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) v[d] = load16(vrow + d * 16);
+#pragma GCC unroll 16
+    for (int h = 0; h < H; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h][i]);
+#pragma GCC unroll 16
+      for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < H; ++h)
+#pragma GCC unroll 16
+    for (int d = 0; d < DV; ++d) store16(out[h] + d * 16, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+}
+
+// Any head dimension, one head at a time.
+template <class T>
+inline void weighted_values_one(const float* p, float inv, const int32_t* seen, int64_t n, const T* vhead,
+                                int64_t v_slot, int64_t dvec, T* out) {
+  __m512 acc[16];
+  for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 w = _mm512_set1_ps(p[i]);
+    const T* vrow = vhead + (int64_t)seen[i] * v_slot;
+    for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_fmadd_ps(w, load16(vrow + d * 16), acc[d]);
+  }
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < dvec; ++d) store16(out + d * 16, _mm512_mul_ps(acc[d], vinv));
+}
+
+// Heads [0, count) of a group, as many at once as the registers hold.
+template <int DV, class T>
+inline void weighted_values_group(const float* const* p, const float* inv, const int32_t* seen, int64_t n,
+                                  const T* vhead, int64_t v_slot, T* const* out, int64_t count) {
+  constexpr int kMax = DV <= 4 ? 4 : 2;
+  for (int64_t h0 = 0; h0 < count; h0 += kMax) {
+    switch (std::min<int64_t>(kMax, count - h0)) {
+      case 1: weighted_values<1, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      case 2: weighted_values<2, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      case 3: if constexpr (kMax >= 3) weighted_values<3, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      default: if constexpr (kMax >= 4) weighted_values<4, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+    }
+  }
+}
+
+// Tasks are (row, key head): the query heads of a key head's group see the same keys, so they
+// share one list of them and one pass over the values.
+template <class T>
+void attend_impl(const esp::AttendArgs<T>& a) {
+  const int64_t rows = a.rows, heads = a.heads, dim = a.dim;
+  const int64_t kv_heads = a.kv_heads, length = a.length;
+  const int64_t group = heads / kv_heads, dvec = dim / 16;
+  const T* qp = a.q;
+  const T* kp = a.keys;
+  const T* vp = a.values;
+  T* op = a.out;
+  const int64_t k_head = a.k_head, k_slot = a.k_slot;
+  const int64_t v_head = a.v_head, v_slot = a.v_slot;
+  const bool* mp = a.visible;
+  const int64_t m_row = a.visible_row;
+  const float scale = a.scale;
+  const int64_t score_stride = length + 16;
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<int32_t> seen;
+    std::vector<float> score(group * score_stride), inv(group);
+    std::vector<const float*> weights(group);
+    std::vector<T*> outs(group);
+    seen.reserve(length);
+    int64_t listed_row = -1;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t r = task / kv_heads, kvh = task % kv_heads;
+      if (r != listed_row) {  // the keys row r sees, in slot order
+        seen.clear();
+        for (int64_t j = 0; j < length; ++j)
+          if (mp == nullptr || mp[r * m_row + j]) seen.push_back((int32_t)j);
+        listed_row = r;
+      }
+      const int64_t n = (int64_t)seen.size();
+      for (int64_t g = 0; g < group; ++g) outs[g] = op + (r * heads + kvh * group + g) * dim;
+      if (n == 0) {  // sees nothing: zeros (SDPA would give NaN; no pass asks for it)
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < dvec; ++d) store16(outs[g] + d * 16, _mm512_setzero_ps());
+        continue;
+      }
+      const T* khead = kp + kvh * k_head;
+      for (int64_t g = 0; g < group; ++g) {  // each head's scores and softmax weights
+        float* sc = score.data() + g * score_stride;
+        __m512 qv[16];
+        const T* qrow = qp + (r * heads + kvh * group + g) * dim;
+        for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
+        const __m512 vscale = _mm512_set1_ps(scale);
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        if (g_mode != 2) for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time; a short last group repeats its last key
+          __m512 acc[16];
+          for (int j = 0; j < 16; ++j) {
+            const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
+            acc[j] = _mm512_mul_ps(qv[0], load16(krow));
+            for (int64_t d = 1; d < dvec; ++d) acc[j] = _mm512_fmadd_ps(qv[d], load16(krow + d * 16), acc[j]);
+          }
+          const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
+          _mm512_storeu_ps(sc + i0, s);
+          vmax = _mm512_max_ps(vmax, s);
+        }
+        const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
+        const __m512 vbest = _mm512_set1_ps(best);
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+          const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + i), vbest));
+          e = _mm512_maskz_mov_ps(lanes, e);
+          _mm512_mask_storeu_ps(sc + i, lanes, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+        weights[g] = sc;
+      }
+      const T* vhead = vp + kvh * v_head;
+      if (g_mode == 1) continue;
+      if (dvec == 4) weighted_values_group<4>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
+      else if (dvec == 8) weighted_values_group<8>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
+      else
+        for (int64_t g = 0; g < group; ++g)
+          weighted_values_one(weights[g], inv[g], seen.data(), n, vhead, v_slot, dvec, outs[g]);
+    }
+  });
+}
+
+}  // namespace
+
+// q [R, H, D]; keys, values [KV, L, D] (the last dim contiguous); visible: bool [R, L] or none
+// (every row sees every key). Returns [R, H, D] in q's dtype. D must be a multiple of 16, at most 256.
+torch::Tensor attention(const torch::Tensor& q_in, const torch::Tensor& keys, const torch::Tensor& values,
+                        const c10::optional<torch::Tensor>& visible, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "q [R, H, D], keys/values [KV, L, D]");
+  const torch::Tensor q = q_in.contiguous();
+  const int64_t dim = q.size(2);
+  TORCH_CHECK(dim % 16 == 0 && dim <= 256, "head dim must be a multiple of 16, at most 256");
+  TORCH_CHECK(keys.size(2) == dim && values.sizes() == keys.sizes() && keys.stride(2) == 1 && values.stride(2) == 1);
+  TORCH_CHECK(q.size(1) % keys.size(0) == 0, "query heads must be a multiple of key heads");
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type());
+  if (visible.has_value()) {
+    TORCH_CHECK(visible->scalar_type() == torch::kBool && visible->dim() == 2 && visible->size(0) == q.size(0) &&
+                visible->size(1) == keys.size(1) && visible->stride(1) == 1, "visible: bool [R, L]");
+  }
+  torch::Tensor out = torch::empty_like(q);
+  const bool* mp = visible.has_value() ? visible->data_ptr<bool>() : nullptr;
+  const int64_t m_row = visible.has_value() ? visible->stride(0) : 0;
+  if (q.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    attend_impl<T>({q.data_ptr<T>(), q.size(0), q.size(1), dim, keys.data_ptr<T>(), values.data_ptr<T>(), keys.size(0),
+                    keys.size(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), mp, m_row,
+                    (float)scale, out.data_ptr<T>()});
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
+    attend_impl<float>({q.data_ptr<float>(), q.size(0), q.size(1), dim, keys.data_ptr<float>(),
+                        values.data_ptr<float>(), keys.size(0), keys.size(1), keys.stride(0), keys.stride(1),
+                        values.stride(0), values.stride(1), mp, m_row, (float)scale, out.data_ptr<float>()});
+  }
+  return out;
+}
+
+void esp::attend_rows(const AttendArgs<float>& a) { attend_impl<float>(a); }
+void esp::attend_rows(const AttendArgs<at::BFloat16>& a) { attend_impl<at::BFloat16>(a); }
+
+torch::Tensor attention_mode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const c10::optional<torch::Tensor>& vis, double scale, int64_t mode) {
+  g_mode = (int)mode; auto out = attention(q, k, v, vis, scale); g_mode = 0; return out;
+}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("attention", &attention_mode); }
