@@ -1,7 +1,8 @@
 """Aggregate throughput with and without speculation, c requests in flight, repeated and interleaved.
 
     python scripts/batch_throughput.py [--concurrency 1,2,4,8,16,32] [--max-new-tokens 64] \\
-        [--methods pld:bc10,hybrid:bc30,esp:bc30] [--repeats 3] [--json out/batch.json]
+        [--methods pld:bc10,hybrid:bc30,esp:bc30] [--repeats 3] [--json out/batch.json] \\
+        [--model M] [--dtype bfloat16] [--quantization w8a8] [--threads 2]
 
 Engine-level (no HTTP), one engine configured as esp-serve configures its own (load-adaptive
 speculation, prefix caching), so the tuner's state carries from level to level as in a server.
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from esp_bench.common import load_prompts, prompt_ids, round_robin, utc_now, write_json
-from esp_engine.config import SamplingParams, SpecConfig
+from esp_engine.config import QUANTIZATION_METHODS, SamplingParams, SpecConfig
 from esp_engine.engine import LLMEngine
 from esp_engine.loader import load_model
 from esp_engine.scheduler import SchedulerConfig
@@ -38,9 +39,12 @@ def main() -> None:
     parser.add_argument("--methods", default="pld:bc10,hybrid:bc30,esp:bc30")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load-adaptive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads)
     prompts = [prompt_ids(loaded.tokenizer, p.text) for p in round_robin(load_prompts(args.prompts))[:64]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     engine = LLMEngine(loaded, scheduler_config=SchedulerConfig(load_adaptive=args.load_adaptive,
