@@ -19,6 +19,9 @@ from server.metrics import Metrics, RecentRate
 
 POISON = 666  # a prompt token whose prefill fails (the engine reports it as that request's error)
 REFUSED = 667  # a prompt token the engine finds invalid only once it works on it (the client's fault)
+# More tokens than the fake emits while a test runs: it steps as fast as the thread runs, so a
+# busy machine let 10,000 finish before a shutdown was applied, and the stream ended normally.
+ENDLESS = 10**9
 
 
 class FakeEngine:
@@ -173,7 +176,7 @@ def test_abort_frees_the_request(engine) -> None:
     eng, fake, metrics = engine
 
     async def main():
-        (s,) = await eng.add_requests([([1], SamplingParams(max_new_tokens=10_000), None)])
+        (s,) = await eng.add_requests([([1], SamplingParams(max_new_tokens=ENDLESS), None)])
         async for _ in s:
             break  # closing the iterator does not abort by itself: the caller decides
         s.abort()
@@ -191,7 +194,7 @@ def test_shutdown_fails_live_requests(engine) -> None:
     eng, _, _ = engine
 
     async def main():
-        (s,) = await eng.add_requests([([1], SamplingParams(max_new_tokens=10_000), None)])
+        (s,) = await eng.add_requests([([1], SamplingParams(max_new_tokens=ENDLESS), None)])
         it = s.__aiter__()
         await it.__anext__()
         await asyncio.to_thread(eng.shutdown)
@@ -225,7 +228,7 @@ def test_gauges_follow_the_engine_snapshot(engine) -> None:
     value = lambda name: metrics.registry.get_sample_value(name, {"model_name": "fake"})  # noqa: E731
 
     async def main():
-        streams = await eng.add_requests([([1], SamplingParams(max_new_tokens=10_000), None) for _ in range(2)])
+        streams = await eng.add_requests([([1], SamplingParams(max_new_tokens=ENDLESS), None) for _ in range(2)])
         its = [s.__aiter__() for s in streams]
         for it in its:
             await it.__anext__()  # both have been prefilled and are decoding
