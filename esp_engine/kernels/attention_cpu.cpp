@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "ops_cpu.h"
@@ -39,12 +40,11 @@ inline __m512 sum_each(__m512 (&a)[16]) {
 // repeats its last key), into sc; returns their lane-wise maximum. DV: the head dimension in
 // vectors, fixed at compile time so that q and the sums stay in registers (0: `dvec`, at run time).
 template <int DV, class T>
-inline __m512 scores(const __m512* qv, const T* khead, int64_t k_slot, const int32_t* seen, int64_t n, __m512 vscale,
-                     float* sc, int64_t dvec = DV) {
-  constexpr bool kFixed = DV > 0;
-  __m512 q[kFixed ? DV : 16];
-  const int64_t dv = kFixed ? DV : dvec;
-  for (int64_t d = 0; d < dv; ++d) q[d] = qv[d];
+inline __m512 scores(const T* qrow, const T* khead, int64_t k_slot, const int32_t* seen, int64_t n, __m512 vscale,
+                     float* sc, int64_t dvec) {
+  const int64_t dv = DV > 0 ? DV : dvec;
+  __m512 q[DV > 0 ? DV : 16];
+  for (int64_t d = 0; d < dv; ++d) q[d] = load16(qrow + d * 16);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     __m512 acc[16];
@@ -65,59 +65,47 @@ inline __m512 scores(const __m512* qv, const T* khead, int64_t k_slot, const int
 // The softmax weights p [heads][n] of `heads` query heads applied to the values they share:
 // out[h] = sum over i, in list order, of p[h][i] * v[seen[i]], times inv[h]. Each head's sums
 // are those of the head alone; doing several heads at once only reads each value row once and
-// gives the multiply-adds independent chains.
+// gives the multiply-adds independent chains. DV as for `scores`.
 template <int H, int DV, class T>
 inline void weighted_values(const float* const* p, const float* inv, const int32_t* seen, int64_t n, const T* vhead,
-                            int64_t v_slot, T* const* out) {
-  __m512 acc[H][DV];
+                            int64_t v_slot, T* const* out, int64_t dvec) {
+  constexpr int kDV = DV > 0 ? DV : 16;
+  const int64_t dv = DV > 0 ? DV : dvec;
+  __m512 acc[H][kDV];
 #pragma GCC unroll 16
   for (int h = 0; h < H; ++h)
 #pragma GCC unroll 16
-    for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dv; ++d) acc[h][d] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     const T* vrow = vhead + (int64_t)seen[i] * v_slot;
-    __m512 v[DV];
+    __m512 v[kDV];
 #pragma GCC unroll 16
-    for (int d = 0; d < DV; ++d) v[d] = load16(vrow + d * 16);
+    for (int64_t d = 0; d < dv; ++d) v[d] = load16(vrow + d * 16);
 #pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
       const __m512 w = _mm512_set1_ps(p[h][i]);
 #pragma GCC unroll 16
-      for (int d = 0; d < DV; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+      for (int64_t d = 0; d < dv; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
     }
   }
 #pragma GCC unroll 16
   for (int h = 0; h < H; ++h)
 #pragma GCC unroll 16
-    for (int d = 0; d < DV; ++d) store16(out[h] + d * 16, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+    for (int64_t d = 0; d < dv; ++d) store16(out[h] + d * 16, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
 }
 
-// Any head dimension, one head at a time.
-template <class T>
-inline void weighted_values_one(const float* p, float inv, const int32_t* seen, int64_t n, const T* vhead,
-                                int64_t v_slot, int64_t dvec, T* out) {
-  __m512 acc[16];
-  for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const __m512 w = _mm512_set1_ps(p[i]);
-    const T* vrow = vhead + (int64_t)seen[i] * v_slot;
-    for (int64_t d = 0; d < dvec; ++d) acc[d] = _mm512_fmadd_ps(w, load16(vrow + d * 16), acc[d]);
-  }
-  const __m512 vinv = _mm512_set1_ps(inv);
-  for (int64_t d = 0; d < dvec; ++d) store16(out + d * 16, _mm512_mul_ps(acc[d], vinv));
-}
-
-// Heads [0, count) of a group, as many at once as the registers hold.
+// Heads [0, count) of a group, as many at once as the registers hold (one with a run-time DV).
 template <int DV, class T>
 inline void weighted_values_group(const float* const* p, const float* inv, const int32_t* seen, int64_t n,
-                                  const T* vhead, int64_t v_slot, T* const* out, int64_t count) {
-  constexpr int kMax = DV <= 4 ? 4 : 2;
+                                  const T* vhead, int64_t v_slot, T* const* out, int64_t count, int64_t dvec) {
+  constexpr int kMax = DV == 0 ? 1 : DV <= 4 ? 4 : 2;
   for (int64_t h0 = 0; h0 < count; h0 += kMax) {
+    const auto heads = [&](auto h) { weighted_values<decltype(h)::value, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0, dvec); };
     switch (std::min<int64_t>(kMax, count - h0)) {
-      case 1: weighted_values<1, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
-      case 2: weighted_values<2, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
-      case 3: if constexpr (kMax >= 3) weighted_values<3, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
-      default: if constexpr (kMax >= 4) weighted_values<4, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0); break;
+      case 1: heads(std::integral_constant<int, 1>{}); break;
+      case 2: if constexpr (kMax >= 2) heads(std::integral_constant<int, 2>{}); break;
+      case 3: if constexpr (kMax >= 3) heads(std::integral_constant<int, 3>{}); break;
+      default: if constexpr (kMax >= 4) heads(std::integral_constant<int, 4>{}); break;
     }
   }
 }
@@ -138,7 +126,7 @@ void attend_impl(const esp::AttendArgs<T>& a) {
   const int64_t v_head = a.v_head, v_slot = a.v_slot;
   const bool* mp = a.visible;
   const int64_t m_row = a.visible_row;
-  const float scale = a.scale;
+  const __m512 vscale = _mm512_set1_ps(a.scale);
   const int64_t score_stride = length + 16;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<int32_t> seen;
@@ -147,6 +135,29 @@ void attend_impl(const esp::AttendArgs<T>& a) {
     std::vector<T*> outs(group);
     seen.reserve(length);
     int64_t listed_row = -1;
+    // One task: each head's scores and softmax weights, then the group's weighted values.
+    const auto task_with = [&](auto dv, int64_t r, int64_t kvh, int64_t n) {
+      constexpr int DV = decltype(dv)::value;
+      const T* khead = kp + kvh * k_head;
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = score.data() + g * score_stride;
+        const T* qrow = qp + (r * heads + kvh * group + g) * dim;
+        const float best = _mm512_reduce_max_ps(scores<DV>(qrow, khead, k_slot, seen.data(), n, vscale, sc, dvec));
+        const __m512 vbest = _mm512_set1_ps(best);  // a maximum has no rounding: any order
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+          const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + i), vbest));
+          e = _mm512_maskz_mov_ps(lanes, e);
+          _mm512_mask_storeu_ps(sc + i, lanes, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+        weights[g] = sc;
+      }
+      weighted_values_group<DV>(weights.data(), inv.data(), seen.data(), n, vp + kvh * v_head, v_slot, outs.data(),
+                                group, dvec);
+    };
     for (int64_t task = first; task < last; ++task) {
       const int64_t kvh = task / rows, r = task % rows;
       if (r != listed_row) {  // the keys row r sees, in slot order
@@ -162,36 +173,9 @@ void attend_impl(const esp::AttendArgs<T>& a) {
           for (int64_t d = 0; d < dvec; ++d) store16(outs[g] + d * 16, _mm512_setzero_ps());
         continue;
       }
-      const T* khead = kp + kvh * k_head;
-      for (int64_t g = 0; g < group; ++g) {  // each head's scores and softmax weights
-        float* sc = score.data() + g * score_stride;
-        __m512 qv[16];
-        const T* qrow = qp + (r * heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dvec; ++d) qv[d] = load16(qrow + d * 16);
-        const __m512 vscale = _mm512_set1_ps(scale);
-        __m512 vmax = _mm512_set1_ps(-INFINITY);
-        if (dvec == 4) vmax = scores<4>(qv, khead, k_slot, seen.data(), n, vscale, sc);
-        else if (dvec == 8) vmax = scores<8>(qv, khead, k_slot, seen.data(), n, vscale, sc);
-        else vmax = scores<0>(qv, khead, k_slot, seen.data(), n, vscale, sc, dvec);
-        const float best = _mm512_reduce_max_ps(vmax);  // a maximum has no rounding: any order
-        const __m512 vbest = _mm512_set1_ps(best);
-        __m512 vsum = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) {
-          const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + i), vbest));
-          e = _mm512_maskz_mov_ps(lanes, e);
-          _mm512_mask_storeu_ps(sc + i, lanes, e);
-          vsum = _mm512_add_ps(vsum, e);
-        }
-        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
-        weights[g] = sc;
-      }
-      const T* vhead = vp + kvh * v_head;
-      if (dvec == 4) weighted_values_group<4>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
-      else if (dvec == 8) weighted_values_group<8>(weights.data(), inv.data(), seen.data(), n, vhead, v_slot, outs.data(), group);
-      else
-        for (int64_t g = 0; g < group; ++g)
-          weighted_values_one(weights[g], inv[g], seen.data(), n, vhead, v_slot, dvec, outs[g]);
+      if (dvec == 4) task_with(std::integral_constant<int, 4>{}, r, kvh, n);
+      else if (dvec == 8) task_with(std::integral_constant<int, 8>{}, r, kvh, n);
+      else task_with(std::integral_constant<int, 0>{}, r, kvh, n);
     }
   });
 }
