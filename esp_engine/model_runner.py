@@ -167,7 +167,7 @@ class ModelRunner:
         else:
             choosing = slice(n - 1, n) if chunk.is_last and fresh else slice(0, 0)
         result = SequenceResult(seq.req_id, prefill_done=chunk.is_last, prompt_start=chunk.start)
-        early = ReadoutCandidates(slice(n, n + k), k) if k else None  # the prefill masks, all read
+        early = ReadoutCandidates.whole(slice(n, n + k)) if k else None  # the prefill masks
         return _Piece(seq, result, embeds, positions, None, choosing, early=early)
 
     # ---- outputs ------------------------------------------------------------------------------
@@ -210,11 +210,11 @@ class ModelRunner:
         instead of two over the same rows. Where it reads a few of many (ESP: the masks of the
         deepest accepted row, one owner among all), only if the measured head cost says the
         one larger call is cheaper than a second call."""
-        sure = [p for p in live if p.early is not None and p.early.taken == p.early.rows.stop - p.early.rows.start]
-        maybe = [p for p in live if p.early is not None and p.early.taken != p.early.rows.stop - p.early.rows.start]
+        sure = [p for p in live if p.early is not None and p.early.read_in_full]
+        maybe = [p for p in live if p.early is not None and not p.early.read_in_full]
         if maybe and self.step_costs is not None:
             choosing = sum(p.choosing.stop - p.choosing.start for p in live) + sum(p.early.taken for p in sure)
-            extra = sum(p.early.rows.stop - p.early.rows.start for p in maybe)
+            extra = sum(p.early.count for p in maybe)
             if self.step_costs().one_head_call_pays(choosing, extra, sum(p.early.taken for p in maybe)):
                 sure += maybe
         return {id(p) for p in sure}

@@ -48,6 +48,19 @@ class ReadoutCandidates:
     rows: slice
     taken: int
 
+    @classmethod
+    def whole(cls, rows: slice) -> "ReadoutCandidates":
+        """All of `rows`, read whatever is accepted."""
+        return cls(rows, rows.stop - rows.start)
+
+    @property
+    def count(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def read_in_full(self) -> bool:
+        return self.taken == self.count
+
 
 @dataclass(frozen=True, slots=True)
 class DraftBudget:

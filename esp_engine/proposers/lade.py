@@ -75,8 +75,7 @@ class LadeProposer(Proposer):
         # The window's last row is read whatever is accepted.
         if not draft.lookahead_tokens:
             return None
-        rows = layout.lookahead_row(self.rows - 1)
-        return ReadoutCandidates(rows, rows.stop - rows.start)
+        return ReadoutCandidates.whole(layout.lookahead_row(self.rows - 1))
 
     def observe(self, draft: Draft, layout: BlockLayout, readout: torch.Tensor | None, verdict: Verdict) -> None:
         if readout is None:
