@@ -19,11 +19,13 @@
 Each output is computed the same way whatever the rows beside it, so speculation's row
 invariance holds by construction (docs/engine.md, "The CPU kernels", has the measurements).
 
-They need AVX512 (F, BW, VL, DQ; and AVX512-BF16 for bf16 weights in `linear`), a C++ compiler
-and ninja. They are compiled once per machine and torch version into the esp-serve cache (a minute
-or two); where any of that is missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps
-oneDNN, `attention.InvariantAttention` and the model's norms and SiLU their torch ops, and the
-log says why.
+They are built for AVX512 (F, BW, VL, DQ; AVX512-BF16 for bf16 weights in `linear`, VNNI for
+W8A8) or, on CPUs without it, for AVX2 with FMA (float32 and int8 weights in `linear`; no W8A8),
+from the same sources (`kernels/vec_cpu.h`), with a C++ compiler and ninja. They are compiled once
+per machine and torch version into the esp-serve cache (a minute or two); where any of that is
+missing, or `ESP_SERVE_CPU_KERNEL=0`, `model.PackedLinear` keeps oneDNN,
+`attention.InvariantAttention` and the model's norms and SiLU their torch ops, and the log says
+why. `ESP_SERVE_CPU_KERNEL=avx2` builds the AVX2 kernels on an AVX512 CPU too.
 """
 
 from __future__ import annotations
@@ -50,9 +52,13 @@ SOURCES = [_KERNELS / name for name in ("linear_cpu.cpp", "w8a8_cpu.cpp", "atten
 HEADERS = [_KERNELS / name for name in ("vec_cpu.h", "ops_cpu.h")]
 ENV_SWITCH = "ESP_SERVE_CPU_KERNEL"
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+_AVX2 = ("avx2", "fma", "f16c")
 # -fopenmp: at::parallel_for is inlined from ATen's headers as an OpenMP loop; without the flag
 # the pragma is dropped and the kernel runs on one thread.
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+_FLAGS_AVX512 = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+# -ffp-contract=off: AVX2 has no explicit rounding forms, so a multiply followed by an add must not
+# be fused by the compiler (vec_cpu.h's mul_rounded and add_rounded).
+_FLAGS_AVX2 = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,7 @@ class KernelStatus:
     dtypes: frozenset[torch.dtype]  # weight dtypes `linear` runs on this CPU (attention: float32, bf16)
     reason: str  # why it is (not) used, for the log
     w8a8: bool = False  # whether `linear` takes W8A8 weights here (AVX512-VNNI)
+    isa: str = ""  # the instruction set they were built for: "avx512", "avx2" ("" where not built)
 
 
 _DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes, where it runs at all
@@ -164,20 +171,30 @@ def supports_elementwise(dtype: torch.dtype) -> bool:
 
 
 def _load() -> KernelStatus:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if switch in ("0", "false", "no", "off"):
         return KernelStatus(None, frozenset(), f"off ({ENV_SWITCH}=0): {_FALLBACK}")
     flags = set(cpu_info().flags)
     missing = [f for f in _AVX512 if f not in flags]
-    if missing:
-        return KernelStatus(None, frozenset(), f"the CPU lacks {', '.join(missing)}: {_FALLBACK}")
-    # bf16 linears need AVX512-BF16's dot product; and where AMX tiles compute bf16 matmuls,
-    # oneDNN's AMX path keeps blocks of rows nearly as cheap as one row, which speculation needs
-    # more than one row's speed, so bf16 linears stay on oneDNN there.
-    dtypes = {torch.float32}
-    if "avx512_bf16" in flags and "amx_bf16" not in flags:
-        dtypes.add(torch.bfloat16)
-    bf16_note = "" if torch.bfloat16 in dtypes else (
-        "; bf16 linears on oneDNN (AMX)" if "amx_bf16" in flags else "; bf16 linears on oneDNN (no avx512_bf16)")
+    if not missing and switch != "avx2":
+        isa, cflags = "avx512", _FLAGS_AVX512
+        # bf16 linears need AVX512-BF16's dot product; and where AMX tiles compute bf16 matmuls,
+        # oneDNN's AMX path keeps blocks of rows nearly as cheap as one row, which speculation needs
+        # more than one row's speed, so bf16 linears stay on oneDNN there.
+        dtypes = {torch.float32}
+        if "avx512_bf16" in flags and "amx_bf16" not in flags:
+            dtypes.add(torch.bfloat16)
+        bf16_note = "" if torch.bfloat16 in dtypes else (
+            "; bf16 linears on oneDNN (AMX)" if "amx_bf16" in flags else "; bf16 linears on oneDNN (no avx512_bf16)")
+        w8a8 = "avx512_vnni" in flags
+        w8a8_note = f"W8A8 {'with' if w8a8 else 'not available: no'} AVX512-VNNI"
+    else:
+        missing_avx2 = [f for f in _AVX2 if f not in flags]
+        if missing_avx2:
+            return KernelStatus(None, frozenset(), f"the CPU lacks {', '.join(missing + missing_avx2)}: {_FALLBACK}")
+        isa, cflags, dtypes, w8a8 = "avx2", _FLAGS_AVX2, {torch.float32}, False
+        bf16_note = "; bf16 linears on oneDNN (AVX2 build)"
+        w8a8_note = "W8A8 not available (AVX2 build: no VNNI)"
     path = os.environ.get("PATH", "")
     try:
         from torch.utils import cpp_extension
@@ -188,13 +205,13 @@ def _load() -> KernelStatus:
         os.environ["PATH"] = os.pathsep.join([ninja_dir, path]) if ninja_dir else path
         # One directory per source and flags: a rebuild never overwrites a library that another
         # process (an older server sharing the cache) has loaded.
-        digest = hashlib.sha256(" ".join(_FLAGS).encode())
+        digest = hashlib.sha256(" ".join(cflags).encode())
         for source in SOURCES + HEADERS:
             digest.update(source.read_bytes())
         build = cache_root() / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
         build.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        module = cpp_extension.load(name="esp_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=_FLAGS,
+        module = cpp_extension.load(name="esp_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=cflags,
                                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         took = time.perf_counter() - t0
     except Exception as exc:  # no compiler, no ninja, no Python headers, a read-only cache ...
@@ -203,12 +220,10 @@ def _load() -> KernelStatus:
     finally:
         os.environ["PATH"] = path
     names = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
-    w8a8 = "avx512_vnni" in flags
     return KernelStatus(module, frozenset(dtypes),
-                        f"ours: the pass in one C++ call, attention, norms, SiLU, and linears of {names} "
-                        f"activations (float or int8 weights){bf16_note}; W8A8 "
-                        f"{'with' if w8a8 else 'not available: no'} AVX512-VNNI (ready in {took:.1f} s, {build})",
-                        w8a8)
+                        f"ours ({isa}): the pass in one C++ call, attention, norms, SiLU, and linears of {names} "
+                        f"activations (float or int8 weights){bf16_note}; {w8a8_note} (ready in {took:.1f} s, {build})",
+                        w8a8, isa)
 
 
 def _ninja_dir() -> str | None:

@@ -1,4 +1,5 @@
-// Attention of query rows over one sequence's cached keys and values, for a CPU with AVX512.
+// Attention of query rows over one sequence's cached keys and values, for a CPU with AVX512 or
+// AVX2 (vec_cpu.h).
 //
 // A row's output must have the same bits whether the row is decoded alone or sits in a tree
 // block beside siblings it does not see (docs/engine.md, "Row invariance"). Here each (row, head)
@@ -22,10 +23,12 @@ namespace {
 
 using esp::load16;
 using esp::store16;
+using esp::vf;
 
+#if ESP_AVX512
 // 16 vectors to one: lane j holds the sum of a[j]'s 16 lanes. The same fixed tree of adds for
 // each j; which j a key gets is its place in the row's list of keys, the same in any call.
-inline __m512 sum_each(__m512 (&a)[16]) {
+inline vf sum_each(vf (&a)[16]) {
   __m512 b[8], c[4], e[2];
   for (int k = 0; k < 8; ++k)  // 128-bit lane l: (a2k, a2k+1) pairs of the lane's 4 elements, added
     b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -36,28 +39,62 @@ inline __m512 sum_each(__m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
 }
 
+// The dot products of q [dv vectors] with the 16 key rows k[j]: lane j holds q . k[j].
+template <int DV, class T>
+inline vf dots(const vf* q, const T* const (&k)[16], int64_t dv) {
+  vf acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = esp::mul(q[0], load16(k[j]));
+#pragma GCC unroll 16
+    for (int64_t d = 1; d < dv; ++d) acc[j] = esp::fmadd(q[d], load16(k[j] + d * 16), acc[j]);
+  }
+  return sum_each(acc);
+}
+#else
+// A key's 16-lane products folded to 8 lanes (lanes i and i + 8 added).
+template <int DV, class T>
+inline __m256 dot8(const vf* q, const T* k, int64_t dv) {
+  vf acc = esp::mul(q[0], load16(k));
+#pragma GCC unroll 16
+  for (int64_t d = 1; d < dv; ++d) acc = esp::fmadd(q[d], load16(k + d * 16), acc);
+  return _mm256_add_ps(acc.lo, acc.hi);
+}
+
+// Lane j of the result: the sum of the 8 lanes of key k[j0 + j]'s folded products, by the same
+// fixed tree of horizontal adds for each j.
+template <int DV, class T>
+inline __m256 dots8(const vf* q, const T* const* k, int64_t dv) {
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(dot8<DV>(q, k[0], dv), dot8<DV>(q, k[1], dv)),
+                                   _mm256_hadd_ps(dot8<DV>(q, k[2], dv), dot8<DV>(q, k[3], dv)));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(dot8<DV>(q, k[4], dv), dot8<DV>(q, k[5], dv)),
+                                   _mm256_hadd_ps(dot8<DV>(q, k[6], dv), dot8<DV>(q, k[7], dv)));
+  // g0's 128-bit halves hold keys 0-3's sums over lanes 0-3 and 4-7; g1's the same for keys 4-7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+template <int DV, class T>
+inline vf dots(const vf* q, const T* const (&k)[16], int64_t dv) {
+  return {dots8<DV>(q, k, dv), dots8<DV>(q, k + 8, dv)};
+}
+#endif
+
 // A head's scores (q . k times scale) for the n keys it sees, 16 at a time (a short last group
 // repeats its last key), into sc; returns their lane-wise maximum. DV: the head dimension in
 // vectors, fixed at compile time so that q and the sums stay in registers (0: `dvec`, at run time).
 template <int DV, class T>
-inline __m512 scores(const T* qrow, const T* khead, int64_t k_slot, const int32_t* seen, int64_t n, __m512 vscale,
-                     float* sc, int64_t dvec) {
+inline vf scores(const T* qrow, const T* khead, int64_t k_slot, const int32_t* seen, int64_t n, vf vscale,
+                 float* sc, int64_t dvec) {
   const int64_t dv = DV > 0 ? DV : dvec;
-  __m512 q[DV > 0 ? DV : 16];
+  vf q[DV > 0 ? DV : 16];
   for (int64_t d = 0; d < dv; ++d) q[d] = load16(qrow + d * 16);
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  vf vmax = esp::set1(-INFINITY);
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) {
-      const T* krow = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
-      acc[j] = _mm512_mul_ps(q[0], load16(krow));
-#pragma GCC unroll 16
-      for (int64_t d = 1; d < dv; ++d) acc[j] = _mm512_fmadd_ps(q[d], load16(krow + d * 16), acc[j]);
-    }
-    const __m512 s = _mm512_mul_ps(sum_each(acc), vscale);
-    _mm512_storeu_ps(sc + i0, s);
-    vmax = _mm512_max_ps(vmax, s);
+    const T* k[16];
+    for (int j = 0; j < 16; ++j) k[j] = khead + (int64_t)seen[std::min<int64_t>(i0 + j, n - 1)] * k_slot;
+    const vf s = esp::mul(dots<DV>(q, k, dv), vscale);
+    store16(sc + i0, s);
+    vmax = esp::max(vmax, s);
   }
   return vmax;
 }
@@ -71,34 +108,35 @@ inline void weighted_values(const float* const* p, const float* inv, const int32
                             int64_t v_slot, T* const* out, int64_t dvec) {
   constexpr int kDV = DV > 0 ? DV : 16;
   const int64_t dv = DV > 0 ? DV : dvec;
-  __m512 acc[H][kDV];
+  vf acc[H][kDV];
 #pragma GCC unroll 16
   for (int h = 0; h < H; ++h)
 #pragma GCC unroll 16
-    for (int64_t d = 0; d < dv; ++d) acc[h][d] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dv; ++d) acc[h][d] = esp::zero();
   for (int64_t i = 0; i < n; ++i) {
     const T* vrow = vhead + (int64_t)seen[i] * v_slot;
-    __m512 v[kDV];
+    vf v[kDV];
 #pragma GCC unroll 16
     for (int64_t d = 0; d < dv; ++d) v[d] = load16(vrow + d * 16);
 #pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
-      const __m512 w = _mm512_set1_ps(p[h][i]);
+      const vf w = esp::set1(p[h][i]);
 #pragma GCC unroll 16
-      for (int64_t d = 0; d < dv; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+      for (int64_t d = 0; d < dv; ++d) acc[h][d] = esp::fmadd(w, v[d], acc[h][d]);
     }
   }
 #pragma GCC unroll 16
   for (int h = 0; h < H; ++h)
 #pragma GCC unroll 16
-    for (int64_t d = 0; d < dv; ++d) store16(out[h] + d * 16, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+    for (int64_t d = 0; d < dv; ++d) store16(out[h] + d * 16, esp::mul(acc[h][d], esp::set1(inv[h])));
 }
 
-// Heads [0, count) of a group, as many at once as the registers hold (one with a run-time DV).
+// Heads [0, count) of a group, as many at once as the registers hold (one with a run-time DV, and
+// on AVX2, whose 16 registers hold a 64-wide head's sums and values once).
 template <int DV, class T>
 inline void weighted_values_group(const float* const* p, const float* inv, const int32_t* seen, int64_t n,
                                   const T* vhead, int64_t v_slot, T* const* out, int64_t count, int64_t dvec) {
-  constexpr int kMax = DV == 0 ? 1 : DV <= 4 ? 4 : 2;
+  constexpr int kMax = DV == 0 || !ESP_AVX512 ? 1 : DV <= 4 ? 4 : 2;
   for (int64_t h0 = 0; h0 < count; h0 += kMax) {
     const auto heads = [&](auto h) { weighted_values<decltype(h)::value, DV>(p + h0, inv + h0, seen, n, vhead, v_slot, out + h0, dvec); };
     switch (std::min<int64_t>(kMax, count - h0)) {
@@ -126,7 +164,7 @@ void attend_impl(const esp::AttendArgs<T>& a) {
   const int64_t v_head = a.v_head, v_slot = a.v_slot;
   const bool* mp = a.visible;
   const int64_t m_row = a.visible_row;
-  const __m512 vscale = _mm512_set1_ps(a.scale);
+  const vf vscale = esp::set1(a.scale);
   const int64_t score_stride = length + 16;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<int32_t> seen;
@@ -142,17 +180,16 @@ void attend_impl(const esp::AttendArgs<T>& a) {
       for (int64_t g = 0; g < group; ++g) {
         float* sc = score.data() + g * score_stride;
         const T* qrow = qp + (r * heads + kvh * group + g) * dim;
-        const float best = _mm512_reduce_max_ps(scores<DV>(qrow, khead, k_slot, seen.data(), n, vscale, sc, dvec));
-        const __m512 vbest = _mm512_set1_ps(best);  // a maximum has no rounding: any order
-        __m512 vsum = _mm512_setzero_ps();
+        const float best = esp::reduce_max(scores<DV>(qrow, khead, k_slot, seen.data(), n, vscale, sc, dvec));
+        const vf vbest = esp::set1(best);  // a maximum has no rounding: any order
+        vf vsum = esp::zero();
+        // sc has room for 16 past n: a short last group is computed whole and its extra lanes zeroed.
         for (int64_t i = 0; i < n; i += 16) {
-          const __mmask16 lanes = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 e = esp::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + i), vbest));
-          e = _mm512_maskz_mov_ps(lanes, e);
-          _mm512_mask_storeu_ps(sc + i, lanes, e);
-          vsum = _mm512_add_ps(vsum, e);
+          const vf e = esp::first(esp::exp(esp::sub(load16(sc + i), vbest)), n - i);
+          store16(sc + i, e);
+          vsum = esp::add(vsum, e);
         }
-        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+        inv[g] = 1.0f / esp::reduce_add(vsum);
         weights[g] = sc;
       }
       weighted_values_group<DV>(weights.data(), inv.data(), seen.data(), n, vp + kvh * v_head, v_slot, outs.data(),
@@ -170,7 +207,7 @@ void attend_impl(const esp::AttendArgs<T>& a) {
       for (int64_t g = 0; g < group; ++g) outs[g] = op + (r * heads + kvh * group + g) * dim;
       if (n == 0) {  // sees nothing: zeros (SDPA would give NaN; no pass asks for it)
         for (int64_t g = 0; g < group; ++g)
-          for (int64_t d = 0; d < dvec; ++d) store16(outs[g] + d * 16, _mm512_setzero_ps());
+          for (int64_t d = 0; d < dvec; ++d) store16(outs[g] + d * 16, esp::zero());
         continue;
       }
       if (dvec == 4) task_with(std::integral_constant<int, 4>{}, r, kvh, n);

@@ -1,4 +1,4 @@
-// The decoder layers of a Llama-family pass in one call, for a CPU with AVX512.
+// The decoder layers of a Llama-family pass in one call, for a CPU with AVX512 or AVX2 (vec_cpu.h).
 //
 // At one to a few rows a layer's arithmetic is small next to what Python and torch's dispatcher
 // cost per op: a pass of a small model is hundreds of ops. Here a pass is one call that runs, per
@@ -18,16 +18,14 @@
 
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+constexpr int kLanes = esp::kVecLanes;
+using esp::vf;
 
-// A value as the dtype stores it: bf16 ops of torch round each result to bf16. The explicit
-// rounding forms of mul and add below are never contracted into a fused multiply-add, which
-// torch's separate ops do not do either.
-inline __m512 as_stored(__m512 v, float*) { return v; }
-inline __m512 as_stored(__m512 v, at::BFloat16*) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(esp::to_bf16(v)), 16));
-}
+// A value as the dtype stores it: bf16 ops of torch round each result to bf16. The rounded mul
+// and add below are never contracted into a fused multiply-add, which torch's separate ops do not
+// do either.
+inline vf as_stored(vf v, float*) { return v; }
+inline vf as_stored(vf v, at::BFloat16*) { return esp::from_bf16(esp::to_bf16(v)); }
 
 // A packed linear: `blocks` x `steps` vectors (cpu_kernels.pack) of the pass's dtype; or int8
 // with one float32 scale per output padded to the blocks' width (cpu_kernels.pad_scales); or
@@ -216,7 +214,7 @@ class CpuDecoder {
   static void add_into(T* x, const T* y, int64_t n) {
     at::parallel_for(0, (n + kLanes - 1) / kLanes, 2048, [&](int64_t first, int64_t last) {
       for (int64_t i = first * kLanes; i < std::min(n, last * kLanes); i += kLanes) {
-        const __m512 s = _mm512_add_round_ps(esp::load16(x + i, n - i), esp::load16(y + i, n - i), kRound);
+        const vf s = esp::add_rounded(esp::load16(x + i, n - i), esp::load16(y + i, n - i));
         esp::store16(x + i, s, n - i);
       }
     });
@@ -246,9 +244,9 @@ class CpuDecoder {
           T* dst = hh < heads_ ? q + r * q_size + hh * dim_ : kbase + (hh - heads_) * k_head + slot * k_slot;
           for (int64_t i = 0; i < dim_; i += kLanes) {
             const int64_t j = i < half ? i + half : i - half;
-            const __m512 a = as_stored(_mm512_mul_round_ps(esp::load16(src + i), esp::load16(c + i), kRound), dst);
-            const __m512 b = as_stored(_mm512_mul_round_ps(esp::load16(src + j), esp::load16(sn + i), kRound), dst);
-            esp::store16(dst + i, _mm512_add_round_ps(a, b, kRound));
+            const vf a = as_stored(esp::mul_rounded(esp::load16(src + i), esp::load16(c + i)), dst);
+            const vf b = as_stored(esp::mul_rounded(esp::load16(src + j), esp::load16(sn + i)), dst);
+            esp::store16(dst + i, esp::add_rounded(a, b));
           }
         }
         const T* vsrc = row + q_size + kv_size;

@@ -1,4 +1,4 @@
-// RMSNorm and SiLU-times-up for a CPU with AVX512: one call each instead of torch's several ops
+// RMSNorm and SiLU-times-up for a CPU with AVX512 or AVX2 (vec_cpu.h): one call each instead of torch's several ops
 // per layer, which at one to a few rows cost more in dispatch than in arithmetic. Both compute a
 // row from that row alone in a fixed order, so a row's bits never depend on its call.
 #include <torch/extension.h>
@@ -17,16 +17,16 @@ void rms_norm_impl(const T* xp, const T* wp, int64_t rows, int64_t dim, float ep
   at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const T* xr = xp + r * dim;
-      __m512 acc = _mm512_setzero_ps();
+      esp::vf acc = esp::zero();
       for (int64_t d = 0; d < dim; d += 16) {
-        const __m512 v = esp::load16(xr + d, dim - d);
-        acc = _mm512_fmadd_ps(v, v, acc);
+        const esp::vf v = esp::load16(xr + d, dim - d);
+        acc = esp::fmadd(v, v, acc);
       }
-      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)dim + eps);
-      const __m512 vinv = _mm512_set1_ps(inv);
+      const float inv = 1.0f / std::sqrt(esp::reduce_add(acc) / (float)dim + eps);
+      const esp::vf vinv = esp::set1(inv);
       for (int64_t d = 0; d < dim; d += 16)
-        esp::store16(yp + r * dim + d, _mm512_mul_ps(_mm512_mul_ps(esp::load16(xr + d, dim - d), vinv),
-                                                     esp::load16(wp + d, dim - d)), dim - d);
+        esp::store16(yp + r * dim + d, esp::mul(esp::mul(esp::load16(xr + d, dim - d), vinv),
+                                                esp::load16(wp + d, dim - d)), dim - d);
     }
   });
 }
@@ -37,11 +37,11 @@ void silu_mul_impl(const T* gp, int64_t stride, int64_t rows, int64_t width, T* 
     for (int64_t r = first; r < last; ++r) {
       const T* g = gp + r * stride;
       for (int64_t d = 0; d < width; d += 16) {
-        const __m512 a = esp::load16(g + d, width - d), b = esp::load16(g + width + d, width - d);
+        const esp::vf a = esp::load16(g + d, width - d), b = esp::load16(g + width + d, width - d);
         // silu(a) = a / (1 + exp(-a))
-        const __m512 e = esp::exp(_mm512_sub_ps(_mm512_setzero_ps(), a));
-        const __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        esp::store16(yp + r * width + d, _mm512_mul_ps(s, b), width - d);
+        const esp::vf e = esp::exp(esp::sub(esp::zero(), a));
+        const esp::vf s = esp::div(a, esp::add(esp::set1(1.0f), e));
+        esp::store16(yp + r * width + d, esp::mul(s, b), width - d);
       }
     }
   });

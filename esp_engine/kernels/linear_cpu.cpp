@@ -1,8 +1,9 @@
-// y = x W^T + b for a CPU with AVX512: weights packed once so that the 16 lanes of a vector are
-// 16 outputs, and every output is one chain of fused multiply-adds over k in order. An output's
-// bits therefore depend only on its own row of x and of W, never on how many rows the call has or
-// how the work is split between threads: the row invariance that lossless speculation needs
-// (esp_engine/row_invariance.py), by construction. Small row counts stream the weights once.
+// y = x W^T + b for a CPU with AVX512 or AVX2 (vec_cpu.h): weights packed once so that the 16
+// lanes of a vector are 16 outputs, and every output is one chain of fused multiply-adds over k in
+// order. An output's bits therefore depend only on its own row of x and of W, never on how many
+// rows the call has or how the work is split between threads: the row invariance that lossless
+// speculation needs (esp_engine/row_invariance.py), by construction. Small row counts stream the
+// weights once.
 //
 // Packed layouts (N padded to a multiple of 16 with zero rows):
 //   float32:  [N/16][K][16]       lane j of vector k holds w[n0 + j, k]
@@ -17,7 +18,10 @@
 
 namespace {
 
-constexpr int kLanes = 16;
+using esp::vf;
+
+constexpr int kLanes = esp::kVecLanes;
+#if ESP_AVX512
 // A tile is kTileBlocks 16-output blocks by up to kTileRows rows of x: 24 accumulators, 4 weight vectors
 // and a broadcast of x in the 32 vector registers. More rows than kTileRows take more passes over the
 // tile's weights, from cache. (Tiles of 2 blocks by 12 rows measured slower in bf16 and no better
@@ -26,66 +30,78 @@ constexpr int kTileBlocks = 4, kTileRows = 6;
 // One row (a decode step's linears): 8 blocks a tile, 8 weight streams in flight instead of 4, which
 // measured faster at streaming the weights from memory (docs/benchmarks.md).
 constexpr int kOneRowBlocks = 8;
+#else
+// AVX2 has 16 registers of half the width: a block is two of them, so a tile of one block by six
+// rows holds 12 accumulators, the block's two weight vectors and a broadcast.
+constexpr int kTileBlocks = 1, kTileRows = 6;
+constexpr int kOneRowBlocks = 4;
+#endif
 
-// An output vector stored in the output's dtype: float32 as it is, bf16 rounded to nearest even.
-inline void store_out(float* y, __m512 v, int valid) { esp::store16(y, v, valid); }
-inline void store_out(at::BFloat16* y, __m512 v, int valid) {
-  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  _mm256_mask_storeu_epi16((void*)y, esp::first_lanes(valid), h);
-}
 
 // T: x's scalar, the weights' (`weight`), how many k a lane holds, how a weight vector is loaded
 // (widened to x's type for int8 weights) and one multiply-add step.
 struct F32 {
   using scalar = float;
   using weight = float;
+  using wvec = vf;
   static constexpr int kPerLane = 1;
-  static inline __m512i load(const weight* p) { return _mm512_loadu_si512((const void*)p); }
-  static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
-    return _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_castsi512_ps(w), acc);
-  }
+  static inline wvec load(const weight* p) { return esp::load16(p); }
+  static inline vf step(vf acc, const scalar* x, int64_t i, wvec w) { return esp::fmadd(esp::set1(x[i]), w, acc); }
 };
-
-struct BF16 {
-  using scalar = at::BFloat16;
-  using weight = at::BFloat16;
-  static constexpr int kPerLane = 2;
-  static inline __m512i load(const weight* p) { return _mm512_loadu_si512((const void*)p); }
-  static inline __m512 step(__m512 acc, const scalar* x, int64_t i, __m512i w) {
-    int32_t pair;
-    std::memcpy(&pair, x + 2 * i, sizeof(pair));
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)w);
-  }
-};
-
-// 16 int8 weights as float32 (exact).
-inline __m512 widen16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
 
 // int8 weights (w = q * scale, the scale applied to the sums): each weight vector is widened to
 // x's type once per step of a tile and used for all its rows. Integers up to 127 are exact in
 // float32 and in bf16, so the products are those of the float weights q.
 struct I8F32 : F32 {
   using weight = int8_t;
-  static inline __m512i load(const weight* p) { return _mm512_castps_si512(widen16(p)); }
+  static inline wvec load(const weight* p) { return esp::widen16(p); }
+};
+
+#if defined(__AVX512BF16__)
+#define ESP_BF16_LINEAR 1
+struct BF16 {
+  using scalar = at::BFloat16;
+  using weight = at::BFloat16;
+  using wvec = __m512i;
+  static constexpr int kPerLane = 2;
+  static inline wvec load(const weight* p) { return _mm512_loadu_si512((const void*)p); }
+  static inline vf step(vf acc, const scalar* x, int64_t i, wvec w) {
+    int32_t pair;
+    std::memcpy(&pair, x + 2 * i, sizeof(pair));
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)w);
+  }
 };
 
 struct I8BF16 : BF16 {
   using weight = int8_t;
   // 16 lanes of (k, k + 1) pairs: 32 bytes widened in order, packed two float32 vectors to one of bf16.
-  static inline __m512i load(const weight* p) { return (__m512i)_mm512_cvtne2ps_pbh(widen16(p + 16), widen16(p)); }
+  static inline wvec load(const weight* p) {
+    return (__m512i)_mm512_cvtne2ps_pbh(esp::widen16(p + 16), esp::widen16(p));
+  }
 };
+#else
+#define ESP_BF16_LINEAR 0  // bf16 linears need AVX512-BF16's dot product
+#endif
+
+// An output vector stored in the output's dtype: float32 as it is, bf16 (AVX512-BF16's linears
+// only) rounded to nearest even by the instruction those linears have always used.
+inline void store_out(float* y, vf v, int valid) { esp::store16(y, v, valid); }
+#if ESP_BF16_LINEAR
+inline void store_out(at::BFloat16* y, vf v, int valid) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16((void*)y, valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1), h);
+}
+#endif
 
 // Accumulators of `blocks` consecutive 16-output blocks for up to `max_rows` rows of x.
 template <class T, int blocks, int max_rows>
 inline void tile(const typename T::scalar* x, int64_t ldx, int rows, const typename T::weight* w,
-                 int64_t block_stride, int64_t steps, __m512 (&acc)[max_rows][blocks]) {
+                 int64_t block_stride, int64_t steps, vf (&acc)[max_rows][blocks]) {
   for (int m = 0; m < max_rows; ++m)
-    for (int j = 0; j < blocks; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int j = 0; j < blocks; ++j) acc[m][j] = esp::zero();
   const int64_t vector_elems = kLanes * T::kPerLane;
   for (int64_t i = 0; i < steps; ++i) {
-    __m512i wv[blocks];
+    typename T::wvec wv[blocks];
     for (int j = 0; j < blocks; ++j)
       wv[j] = T::load(w + j * block_stride + i * vector_elems);
     for (int m = 0; m < max_rows; ++m) {
@@ -104,7 +120,7 @@ struct Problem {
 template <class T, class O, int kBlocks = kTileBlocks, int kRows = kTileRows>
 void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T::weight* wp, O* yp,
                 const float* sp, const float* bp, int64_t first, int64_t last) {
-  __m512 acc[kRows][kBlocks];
+  vf acc[kRows][kBlocks];
   for (int64_t b0 = first; b0 < last; b0 += kBlocks) {
     const int blocks = (int)std::min<int64_t>(kBlocks, last - b0);
     for (int64_t m0 = 0; m0 < p.rows; m0 += kRows) {
@@ -115,7 +131,7 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
         tile<T, kBlocks, kRows>(xt, p.k_pad, tile_rows, wt, p.block_stride, p.steps, acc);
       } else {  // the range's last blocks, one at a time
         for (int j = 0; j < blocks; ++j) {
-          __m512 one[kRows][1];
+          vf one[kRows][1];
           tile<T, 1, kRows>(xt, p.k_pad, tile_rows, wt + j * p.block_stride, p.block_stride, p.steps, one);
           for (int m = 0; m < tile_rows; ++m) acc[m][j] = one[m][0];
         }
@@ -123,10 +139,10 @@ void run_blocks(const Problem& p, const typename T::scalar* xp, const typename T
       for (int m = 0; m < tile_rows; ++m)
         for (int j = 0; j < blocks; ++j) {
           const int64_t n0 = (b0 + j) * kLanes;
-          __m512 v = acc[m][j];
-          // The rounding form is never fused with the bias add: scale, then bias, each rounded.
-          if (sp) v = _mm512_mul_round_ps(v, _mm512_loadu_ps(sp + n0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n0));
+          vf v = acc[m][j];
+          // Never fused into one multiply-add: scale, then bias, each rounded.
+          if (sp) v = esp::mul_rounded(v, esp::load16(sp + n0));
+          if (bp) v = esp::add(v, esp::load16(bp + n0));
           store_out(yp + (m0 + m) * p.n_out + n0, v, (int)std::min<int64_t>(kLanes, p.n_out - n0));
         }
     }
@@ -203,9 +219,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
                 scales->numel() == packed.size(0) * kLanes, "scales: float32, one per output padded to the blocks");
     TORCH_CHECK(packed.size(3) == (x.scalar_type() == torch::kBFloat16 ? 2 : 1), "int8 weights packed for x's dtype");
   }
-  if (x.scalar_type() == torch::kBFloat16)
+  if (x.scalar_type() == torch::kBFloat16) {
+#if ESP_BF16_LINEAR
     return int8 ? linear_impl<I8BF16>(x, packed, n_out, bias, float_out, scales)
                 : linear_impl<BF16>(x, packed, n_out, bias, float_out, scales);
+#else
+    TORCH_CHECK(false, "bf16 linears need AVX512-BF16; this build has none");
+#endif
+  }
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "float32 or bfloat16 only");
   return int8 ? linear_impl<I8F32>(x, packed, n_out, bias, float_out, scales)
               : linear_impl<F32>(x, packed, n_out, bias, float_out, scales);
@@ -218,7 +239,11 @@ void esp::linear_rows(const float* x, int64_t rows, const float* packed, int64_t
 
 void esp::linear_rows(const at::BFloat16* x, int64_t rows, const at::BFloat16* packed, int64_t blocks, int64_t steps,
                       int64_t n_out, const float* bias, at::BFloat16* y) {
+#if ESP_BF16_LINEAR
   linear_raw<BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, nullptr, bias, y);
+#else
+  TORCH_CHECK(false, "bf16 linears need AVX512-BF16; this build has none");
+#endif
 }
 
 void esp::linear_rows(const float* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps, int64_t n_out,
@@ -228,5 +253,9 @@ void esp::linear_rows(const float* x, int64_t rows, const int8_t* packed, int64_
 
 void esp::linear_rows(const at::BFloat16* x, int64_t rows, const int8_t* packed, int64_t blocks, int64_t steps,
                       int64_t n_out, const float* scales, const float* bias, at::BFloat16* y) {
+#if ESP_BF16_LINEAR
   linear_raw<I8BF16, at::BFloat16>(x, rows, packed, blocks, steps, n_out, scales, bias, y);
+#else
+  TORCH_CHECK(false, "bf16 linears need AVX512-BF16; this build has none");
+#endif
 }

@@ -1,4 +1,5 @@
-// y = x W^T + b with int8 weights and int8 activations (W8A8), for a CPU with AVX512-VNNI.
+// y = x W^T + b with int8 weights and int8 activations (W8A8), for a CPU with AVX512-VNNI (the
+// AVX2 build has the packing only).
 //
 // Without AMX a block of rows costs a CPU its arithmetic: bf16 dot products take 32
 // multiply-adds per instruction, VNNI's int8 dot product (vpdpbusd) 64. So the rows a
@@ -26,15 +27,19 @@
 #include "ops_cpu.h"
 #include "vec_cpu.h"
 
+namespace {
+constexpr int kLanes = 16, kQuad = 4, kGroup = esp::kW8A8Group, kStepsPerGroup = kGroup / kQuad;
+constexpr int kChunks = kGroup / kLanes;
+static_assert(kGroup % kLanes == 0, "a group is whole vectors");
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+}  // namespace
+
+#if ESP_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
 namespace {
 
-constexpr int kLanes = 16, kQuad = 4, kGroup = esp::kW8A8Group, kStepsPerGroup = kGroup / kQuad;
-constexpr int kChunks = kGroup / kLanes;
-static_assert(kGroup % kLanes == 0, "a group is whole vectors");
-constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 // The activations of `rows` rows quantized: p [rows, k_pad] (zero past k), and per row and group
 // its scale a and the integer sum's start value -128 * sum(p).
@@ -203,6 +208,20 @@ void esp::linear_rows_w8a8(const at::BFloat16* x, int64_t rows, int64_t k, const
 }
 
 #pragma GCC pop_options
+#else  // the AVX2 build: W8A8 is not offered (cpu_kernels.supports_w8a8), these are never called
+void esp::linear_rows_w8a8(const float*, int64_t, int64_t, const uint8_t*, int64_t, int64_t, int64_t, const float*,
+                           const float*, float*) {
+  TORCH_CHECK(false, "W8A8 needs AVX512-VNNI");
+}
+void esp::linear_rows_w8a8(const at::BFloat16*, int64_t, int64_t, const uint8_t*, int64_t, int64_t, int64_t,
+                           const float*, const float*, at::BFloat16*) {
+  TORCH_CHECK(false, "W8A8 needs AVX512-VNNI");
+}
+void esp::linear_rows_w8a8(const at::BFloat16*, int64_t, int64_t, const uint8_t*, int64_t, int64_t, int64_t,
+                           const float*, const float*, float*) {
+  TORCH_CHECK(false, "W8A8 needs AVX512-VNNI");
+}
+#endif
 
 torch::Tensor pack_w8a8(const torch::Tensor& q) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar, "q [N, K] of int8");

@@ -60,7 +60,7 @@ def test_the_model_runs_op_by_op_where_a_layer_is_off_the_kernels():
     needs_decoder(model)
     model.use_cpu_decoder = False
     assert model.cpu_decoder() is None
-    quantized = tiny("llama", torch.bfloat16)
+    quantized = tiny("llama", torch.float32)
     assert quantized.cpu_decoder() is not None
     quantize_model(quantized, "int4")
     assert quantized.cpu_decoder() is None  # int4 runs torch's kernel

@@ -165,10 +165,14 @@ def test_w8a8_gives_a_row_the_same_bits_in_any_call_and_a_zero_row_its_bias(dtyp
         cpu_kernels.linear(x[:, :500], packed, 1000, None, scales=padded)
 
 
-def load_with_flags(monkeypatch, flags: str) -> cpu_kernels.KernelStatus:
-    """`_load` as on a CPU with these flags (the kernels, compiled already, load from the cache)."""
+def load_with_flags(monkeypatch, flags: str, isa: str = "avx512") -> cpu_kernels.KernelStatus:
+    """`_load` as on a CPU with these flags, which pick the instruction set `isa` that this
+    machine's kernels were built for (so they load from the cache: a build for another one
+    would take minutes, and its library could not run here)."""
     if cpu_kernels.status().module is None:
         pytest.skip(cpu_kernels.status().reason)
+    if cpu_kernels.status().isa != isa:
+        pytest.skip(f"the kernels here are built for {cpu_kernels.status().isa}, not {isa}")
     monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info(f"flags\t\t: {flags}\n"))
     return cpu_kernels._load()
 
@@ -215,9 +219,9 @@ def test_without_the_kernel_packed_linear_keeps_onednn_and_the_log_says_why(monk
 
 def test_it_is_not_built_where_the_cpu_or_the_switch_says_no(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info("flags\t\t: fpu sse2 avx2 fma\n"))
+    monkeypatch.setattr(cpu_kernels, "cpu_info", lambda: parse_cpu_info("flags\t\t: fpu sse2 avx2 f16c\n"))
     status = cpu_kernels._load()
-    assert status.module is None and not status.dtypes and "avx512f" in status.reason
+    assert status.module is None and not status.dtypes and "fma" in status.reason and status.isa == ""
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     status = cpu_kernels._load()
     assert status.module is None and "ESP_SERVE_CPU_KERNEL=0" in status.reason
@@ -226,6 +230,12 @@ def test_it_is_not_built_where_the_cpu_or_the_switch_says_no(monkeypatch):
 def test_bf16_needs_the_cpu_s_bf16_dot_products(monkeypatch):
     status = load_with_flags(monkeypatch, AVX512)
     assert status.dtypes == {torch.float32} and "no avx512_bf16" in status.reason
+
+
+def test_without_avx512_they_are_built_for_avx2_with_float32_linears_and_no_w8a8(monkeypatch):
+    status = load_with_flags(monkeypatch, "avx2 fma f16c avx_vnni", isa="avx2")
+    assert status.module is not None and status.isa == "avx2" and "ours (avx2)" in status.reason
+    assert status.dtypes == {torch.float32} and not status.w8a8 and "W8A8 not available" in status.reason
 
 
 def test_bf16_linears_stay_on_onednn_where_amx_makes_blocks_cheap(monkeypatch):
